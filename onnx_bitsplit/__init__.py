@@ -1,0 +1,11 @@
+"""onnx-bitsplit: low-bit QDQ ONNX models by Bit-Split and Stitching post-training quantization."""
+
+from .api import quantize
+from .calibration import ImageFolderReader, NpyReader
+from .config import QuantConfig
+from .errors import BitsplitError
+from .report import LayerReport, Report
+
+__all__ = ["quantize", "QuantConfig", "Report", "LayerReport", "ImageFolderReader", "NpyReader",
+           "BitsplitError"]
+__version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""quantize(): the conversion, step by step. No math and no proto surgery here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import numpy as np
+import onnx
+
+from .act_scale import fake_quant, mse_scale, sample_values
+from .calibration import as_feeds, batch_feeds
+from .capture import NetworkStreams
+from .config import QuantConfig
+from .errors import ModelError
+from .graph import LayerSpec, find_layers, is_non_negative, prepare
+from .qdq import ActivationQuant, WeightQuant, write_qdq
+from .report import LayerReport, Report
+from .solver import BitSplitSolver
+
+PATCH_ELEMENTS = 1 << 23  # patch values built at once (32 MiB of float32) per stream
+
+Progress = Callable[[int, int, str], None]
+
+
+def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = None, *,
+             progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
+    """Quantize a float model to QDQ with Bit-Split and Stitching.
+
+    Args:
+        model: the float model; it is not modified.
+        calibration: an onnxruntime CalibrationDataReader or any iterable of {input_name: ndarray}.
+        config: options. Defaults to QuantConfig() (W4A8, first and last layer W8).
+        progress: called as progress(done, total, layer_name) after each layer.
+
+    Returns:
+        (the quantized model, the Report of what was done).
+    """
+    config = config or QuantConfig()
+    report = Report()
+    with _phase(report, "prepare"):
+        prepared = prepare(model)
+        layers, report.skipped = find_layers(prepared)
+        if not layers:
+            raise ModelError("the model has no Conv, Gemm or MatMul with a constant weight to quantize")
+    with _phase(report, "calibration"):
+        batches = batch_feeds(as_feeds(calibration), _input_shapes(prepared),
+                              batch_size=config.batch_size, count=config.calib_count)
+        report.calibration_samples = sum(next(iter(b.values())).shape[0] for b in batches)
+        streams = NetworkStreams(prepared, layers, batches, compensate=config.error_compensation)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in prepared.graph.initializer}
+    activations: dict[str, ActivationQuant] = {}
+    solved = []
+    with _phase(report, "layers"):
+        for index, layer in enumerate(layers):
+            start = time.perf_counter()
+            if layer.input_name not in activations:
+                activations[layer.input_name] = _quantize_input(prepared, streams, index, config)
+            bits = layer_bits(config, layers, index)
+            weight_quant, solution = _solve_layer(layer, streams, index, weights, bits, config)
+            solved.append(weight_quant)
+            groups, rows, inputs = solution.q.shape
+            report.layers.append(LayerReport(
+                layer.name, layer.op, bits, (groups * rows, inputs, groups),
+                solution.rel_error, solution.rtn_rel_error, time.perf_counter() - start))
+            if progress:
+                progress(index + 1, len(layers), layer.name)
+    report.activations = len(activations)
+    with _phase(report, "write"):
+        quantized = write_qdq(prepared, solved, list(activations.values()))
+    report.float_bytes, report.quant_bytes = model.ByteSize(), quantized.ByteSize()
+    return quantized, report
+
+
+def layer_bits(config: QuantConfig, layers: list[LayerSpec], index: int) -> int:
+    """Weight bits of layers[index]: a per-name override, else first/last, else wbits."""
+    name = layers[index].name
+    if name in config.layer_wbits:
+        return config.layer_wbits[name]
+    if config.first_last_wbits is not None and index in (0, len(layers) - 1):
+        return config.first_last_wbits
+    return config.wbits
+
+
+def _quantize_input(model, streams: NetworkStreams, index: int, config: QuantConfig) -> ActivationQuant:
+    """Choose the layer input's scale on the quantized stream's values and fake-quantize them there,
+    so every later layer sees what the deployed model computes."""
+    name = streams.layers[index].input_name
+    x_tilde, _ = streams.layer_inputs(index)
+    signed = not is_non_negative(model, name)
+    scale = mse_scale(sample_values(x_tilde), config.abits, signed)
+    streams.replace_quantized(name, [fake_quant(b, scale, config.abits, signed) for b in x_tilde])
+    return ActivationQuant(name, scale, signed)
+
+
+def _solve_layer(layer: LayerSpec, streams: NetworkStreams, index: int, weights: dict,
+                 bits: int, config: QuantConfig):
+    """Accumulate the layer's statistics over all batches, solve, and advance both streams."""
+    W = weights[layer.weight_name]
+    solver = BitSplitSolver(layer.weight_matrix(W))
+    x_tilde, x = streams.layer_inputs(index)
+    compensate = x_tilde is not x
+    for xt_batch, x_batch in zip(x_tilde, x):
+        for rows in _row_chunks(xt_batch, layer):
+            solver.add_batch(layer.patches(xt_batch[rows]),
+                             layer.patches(x_batch[rows]) if compensate else None)
+    solution = solver.solve(bits, iterations=config.iterations, damping=config.damping)
+    scale = solution.alpha.reshape(-1)
+    q = layer.stored_weight(solution.q)
+    float_params = {layer.weight_name: W}
+    quant_params = {layer.weight_name: layer.stored_weight(solution.dequantized())}
+    bias = None
+    if layer.bias_name:
+        float_params[layer.bias_name] = weights[layer.bias_name]
+        bias = weights[layer.bias_name]
+        if config.bias_correction:
+            bias = bias + layer.bias_gain * solution.bias_shift.reshape(-1)
+        quant_params[layer.bias_name] = bias.astype(np.float32)
+    if index + 1 < len(streams.layers):
+        streams.advance(index, float_params=float_params, quant_params=quant_params)
+    return WeightQuant(layer, bits, q, scale, bias), solution
+
+
+def _row_chunks(batch: np.ndarray, layer: LayerSpec) -> list[slice]:
+    """Slices of the batch's samples whose patches fit in PATCH_ELEMENTS."""
+    per_sample = batch[0].size
+    if layer.geometry:
+        kh, kw = layer.geometry.kernel
+        sh, sw = layer.geometry.strides
+        per_sample = per_sample * kh * kw // (sh * sw) + 1
+    rows = max(1, PATCH_ELEMENTS // per_sample)
+    return [slice(i, i + rows) for i in range(0, batch.shape[0], rows)]
+
+
+def _input_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    initializers = {t.name for t in model.graph.initializer}
+    return {
+        i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+        for i in model.graph.input if i.name not in initializers
+    }
+
+
+@contextmanager
+def _phase(report: Report, name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        report.phase_seconds[name] = report.phase_seconds.get(name, 0.0) + time.perf_counter() - start

@@ -1,0 +1,213 @@
+"""Calibration data: readers in onnxruntime's CalibrationDataReader protocol, and batching.
+
+A reader's get_next() returns one feed dict {input_name: ndarray} or None when done, so any
+onnxruntime CalibrationDataReader works unchanged; so does any iterable of feed dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CalibrationError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+ARRAY_SUFFIXES = {".npy", ".npz"}
+CROP_FRACTION = 0.875  # resize the short side to size/0.875, then center-crop: ImageNet's eval recipe
+PRESETS = {
+    # x = (pixel - mean) / std, per RGB channel, pixels in [0, 255]
+    "tf": ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0)),
+    "torch": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "unit": ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0)),
+    "raw": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+
+class ImageFolderReader:
+    """Images of a folder (sorted by name) as NCHW float32 feeds of batch 1.
+
+    Args:
+        folder: directory of jpg/png/bmp/webp images; grayscale and RGBA are converted to RGB.
+        input_name: the model input to feed.
+        size: (height, width) of the model input.
+        mean, std: per-channel normalisation in pixel units, x = (pixel - mean) / std.
+        count: read at most this many images. Defaults to all.
+    """
+
+    def __init__(self, folder: str | Path, input_name: str, size: tuple[int, int], *,
+                 mean=PRESETS["tf"][0], std=PRESETS["tf"][1], count: int | None = None):
+        self.paths = image_paths(folder)[:count]
+        self.input_name = input_name
+        self.size = size
+        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= len(self.paths):
+            return None
+        path = self.paths[self._next]
+        self._next += 1
+        pixels = load_image(path, self.size)
+        return {self.input_name: ((pixels - self.mean) / self.std)[None]}
+
+    def rewind(self) -> None:
+        self._next = 0
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        self.rewind()
+        return iter(self.get_next, None)
+
+
+class NpyReader:
+    """Ready input tensors: .npy files (for the model's only input) or .npz files keyed by input
+    name, each file one feed (its batch included).
+
+    Args:
+        path: one .npy/.npz file or a folder of them (sorted by name).
+        input_names: the model's inputs.
+    """
+
+    def __init__(self, path: str | Path, input_names: list[str]):
+        path = Path(path)
+        self.paths = [path] if path.is_file() else sorted(
+            p for p in _listdir(path) if p.suffix.lower() in ARRAY_SUFFIXES)
+        if not self.paths:
+            raise CalibrationError(f"no .npy or .npz files in '{path}'")
+        self.input_names = input_names
+        self._next = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= len(self.paths):
+            return None
+        path = self.paths[self._next]
+        self._next += 1
+        return self._read(path)
+
+    def rewind(self) -> None:
+        self._next = 0
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        self.rewind()
+        return iter(self.get_next, None)
+
+    def _read(self, path: Path) -> dict[str, np.ndarray]:
+        try:
+            if path.suffix.lower() == ".npy":
+                if len(self.input_names) != 1:
+                    raise CalibrationError(
+                        f"'{path.name}': a .npy file feeds a single-input model; use .npz keyed by "
+                        f"{', '.join(self.input_names)}")
+                return {self.input_names[0]: np.load(path, allow_pickle=False)}
+            with np.load(path, allow_pickle=False) as archive:
+                missing = [n for n in self.input_names if n not in archive.files]
+                if missing:
+                    raise CalibrationError(f"'{path.name}' has no array named {', '.join(missing)}")
+                return {n: archive[n] for n in self.input_names}
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(f"cannot read '{path.name}': {exc}") from None
+
+
+def image_paths(folder: str | Path) -> list[Path]:
+    paths = sorted(p for p in _listdir(Path(folder)) if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise CalibrationError(f"no images (jpg, png, bmp, webp) in '{folder}'")
+    return paths
+
+
+def _listdir(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise CalibrationError(f"calibration folder '{folder}' does not exist or is not a folder")
+    return [p for p in folder.iterdir() if p.is_file()]
+
+
+def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """An image as (3, height, width) float32 RGB pixels in [0, 255], resized and center-cropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    height, width = size
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            scale = max(height, width) / CROP_FRACTION / min(image.size)
+            resized = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
+            image = image.resize(resized, Image.BILINEAR)
+            left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
+            image = image.crop((left, top, left + width, top + height))
+            return np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise CalibrationError(f"cannot read image '{path.name}': {exc}") from None
+
+
+def as_feeds(calibration) -> Iterator[dict[str, np.ndarray]]:
+    """Feed dicts from a CalibrationDataReader (get_next until None) or any iterable of dicts."""
+    if hasattr(calibration, "get_next"):
+        return iter(calibration.get_next, None)
+    if isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes, dict)):
+        return iter(calibration)
+    raise CalibrationError("calibration must be a CalibrationDataReader or an iterable of feed dicts")
+
+
+def batch_feeds(feeds: Iterable[dict[str, np.ndarray]], input_shapes: dict[str, list], *,
+                batch_size: int, count: int) -> list[dict[str, np.ndarray]]:
+    """At most `count` samples, checked against the model's inputs and concatenated into batches
+    of `batch_size` where the batch axis is dynamic.
+
+    Args:
+        input_shapes: input name -> shape, with None or a string for a dynamic dimension.
+    """
+    dynamic_batch = all(shape and not isinstance(shape[0], int) for shape in input_shapes.values())
+    batches, pending, pending_rows, total = [], [], 0, 0
+    for feed in feeds:
+        feed = _checked_feed(feed, input_shapes)
+        rows = next(iter(feed.values())).shape[0]
+        pending.append(feed)
+        pending_rows += rows
+        total += rows
+        if not dynamic_batch or pending_rows >= batch_size:
+            batches.append(_concatenate(pending))
+            pending, pending_rows = [], 0
+        if total >= count:
+            break
+    if pending:
+        batches.append(_concatenate(pending))
+    if not batches:
+        raise CalibrationError("the calibration data is empty")
+    return _trim(batches, count) if dynamic_batch else batches
+
+
+def _checked_feed(feed, input_shapes) -> dict[str, np.ndarray]:
+    if not isinstance(feed, dict):
+        raise CalibrationError(f"a calibration feed must be a dict of arrays, got {type(feed).__name__}")
+    missing = [name for name in input_shapes if name not in feed]
+    if missing:
+        raise CalibrationError(f"a calibration feed has no value for input {', '.join(missing)}")
+    checked = {}
+    for name, shape in input_shapes.items():
+        value = np.asarray(feed[name])
+        if value.ndim != len(shape) or any(
+                isinstance(want, int) and want != got for want, got in zip(shape, value.shape)):
+            raise CalibrationError(
+                f"input '{name}': calibration array has shape {list(value.shape)}, "
+                f"the model expects {[d if isinstance(d, int) else '?' for d in shape]}")
+        checked[name] = value
+    return checked
+
+
+def _concatenate(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+
+
+def _trim(batches: list[dict[str, np.ndarray]], count: int) -> list[dict[str, np.ndarray]]:
+    """Drop rows past `count` from the last batch."""
+    total = sum(next(iter(b.values())).shape[0] for b in batches)
+    excess = total - count
+    if excess > 0:
+        last = batches[-1]
+        batches[-1] = {name: value[: value.shape[0] - excess] for name, value in last.items()}
+    return batches

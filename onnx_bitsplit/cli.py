@@ -1,0 +1,193 @@
+"""The `onnx-bitsplit` command: flags -> QuantConfig, files in and out, errors -> exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+import onnx
+
+from .api import quantize
+from .calibration import ARRAY_SUFFIXES, PRESETS, ImageFolderReader, NpyReader
+from .config import QuantConfig
+from .errors import BitsplitError, CalibrationError, ModelError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+class CommandError(click.ClickException):
+    """Printed as one line, `Error: ...`, with exit code 1."""
+
+    exit_code = EXIT_ERROR
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got '{text}'") from None
+    if len(values) not in (1, 3):
+        raise click.BadParameter(f"expected 1 or 3 numbers, got {len(values)}")
+    return values * 3 if len(values) == 1 else values
+
+
+def _layer_bits(pairs: tuple[str, ...]) -> dict[str, int]:
+    bits = {}
+    for pair in pairs:
+        name, _, value = pair.rpartition("=")
+        if not name or not value.isdigit():
+            raise click.BadParameter(f"expected NODE_NAME=BITS, got '{pair}'")
+        bits[name] = int(value)
+    return bits
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("input_path", metavar="IN.onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output_path", metavar="OUT.onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--calib", "calib", required=True, type=click.Path(path_type=Path),
+              help="Calibration data: a folder of images, or .npy/.npz input tensors (a file or folder).")
+@click.option("--calib-count", default=256, show_default=True, type=int,
+              help="Use at most this many calibration samples.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tf", show_default=True,
+              help="Image normalisation: tf (x-127)/128, torch ImageNet mean/std, unit x/255, raw x.")
+@click.option("--mean", help="Per-channel mean in pixel units (overrides --preset), e.g. 123.7,116.3,103.5.")
+@click.option("--std", help="Per-channel std in pixel units (overrides --preset), e.g. 58.4,57.1,57.4.")
+@click.option("--wbits", default=4, show_default=True, type=int, help="Weight bits, 2 to 8.")
+@click.option("--abits", default=8, show_default=True, type=int, help="Activation bits (per tensor).")
+@click.option("--first-last-wbits", default="8", show_default=True,
+              help="Weight bits of the first and last layer; 'same' uses --wbits.")
+@click.option("--layer-bits", multiple=True, metavar="NODE=BITS",
+              help="Weight bits of one layer by node name; repeatable.")
+@click.option("--error-compensation/--no-error-compensation", default=True, show_default=True,
+              help="Solve each layer on inputs from the partially quantized network.")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="Shift each bias by the mean output error of its layer.")
+@click.option("--iterations", default=10, show_default=True, type=int,
+              help="Most alternations of scales and bit-plane sweeps per layer.")
+@click.option("--damping", default=0.01, show_default=True, type=float,
+              help="Ridge toward the float weights, as a fraction of the Gram matrix's mean diagonal.")
+@click.option("--batch-size", default=16, show_default=True, type=int,
+              help="Calibration samples run at once.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the per-layer figures to this JSON file.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+def main(input_path: Path, output_path: Path, calib: Path, calib_count: int, preset: str,
+         mean: str | None, std: str | None, wbits: int, abits: int, first_last_wbits: str,
+         layer_bits: tuple[str, ...], error_compensation: bool, bias_correction: bool,
+         iterations: int, damping: float, batch_size: int, report_path: Path | None, quiet: bool):
+    """Quantize a float ONNX model to a low-bit QDQ model with Bit-Split and Stitching."""
+    try:
+        config = QuantConfig(
+            wbits=wbits, abits=abits,
+            first_last_wbits=None if first_last_wbits == "same" else _int(first_last_wbits),
+            layer_wbits=_layer_bits(layer_bits), error_compensation=error_compensation,
+            bias_correction=bias_correction, iterations=iterations, damping=damping,
+            batch_size=batch_size, calib_count=calib_count)
+        _check_paths(input_path, output_path)
+        model = _load(input_path)
+        reader = _reader(model, calib, calib_count, preset, _floats(mean), _floats(std))
+        quantized, report = _quantize_with_progress(model, reader, config, quiet)
+        _save_atomic(quantized, output_path)
+        if report_path:
+            _write_atomic(report_path, report.to_json().encode())
+    except BitsplitError as exc:
+        raise CommandError(str(exc)) from None
+    except (MemoryError, OSError, RuntimeError, ValueError) as exc:  # onnx, onnxruntime, numpy
+        raise CommandError(f"{type(exc).__name__}: {_first_line(exc)}") from None
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if not quiet:
+        report.float_bytes, report.quant_bytes = input_path.stat().st_size, output_path.stat().st_size
+        click.echo(report.summary(), err=True)
+        click.echo(f"wrote {output_path}", err=True)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(f"expected a number or 'same', got '{text}'") from None
+
+
+def _check_paths(input_path: Path, output_path: Path) -> None:
+    if not input_path.is_file():
+        raise ModelError(f"input model '{input_path}' does not exist or is not a file")
+    if output_path.exists() and output_path.resolve() == input_path.resolve():
+        raise BitsplitError("the output path is the input path; the input is never overwritten")
+    if not output_path.parent.resolve().is_dir():
+        raise BitsplitError(f"output folder '{output_path.parent}' does not exist")
+    if not os.access(output_path.parent.resolve(), os.W_OK):
+        raise BitsplitError(f"output folder '{output_path.parent}' is not writable")
+
+
+def _load(path: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:
+        raise ModelError(f"cannot read '{path}' as an ONNX model: {_first_line(exc)}") from None
+
+
+def _reader(model: onnx.ModelProto, calib: Path, count: int, preset: str, mean, std):
+    """An NpyReader for array files, else an ImageFolderReader sized to the model's input."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if calib.is_file() and calib.suffix.lower() in ARRAY_SUFFIXES or calib.is_dir() and any(
+            p.suffix.lower() in ARRAY_SUFFIXES for p in calib.iterdir()):
+        return NpyReader(calib, [i.name for i in inputs])
+    if len(inputs) != 1:
+        raise CalibrationError(f"the model has {len(inputs)} inputs; calibrate it with .npz files keyed by input name")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or not all(d.HasField("dim_value") for d in dims[2:]) or dims[1].dim_value != 3:
+        raise CalibrationError(f"input '{inputs[0].name}' is not a fixed-size 3-channel NCHW image; "
+                               "calibrate it with .npy/.npz files")
+    preset_mean, preset_std = PRESETS[preset]
+    return ImageFolderReader(calib, inputs[0].name, (dims[2].dim_value, dims[3].dim_value),
+                             mean=mean or preset_mean, std=std or preset_std, count=count)
+
+
+def _quantize_with_progress(model, reader, config: QuantConfig, quiet: bool):
+    """quantize() with a progress bar over layers on stderr, opened once the first layer is done
+    (so an early error prints nothing but its own line)."""
+    if quiet:
+        return quantize(model, reader, config)
+    bars = []
+
+    def progress(done: int, total: int, name: str) -> None:
+        if not bars:
+            bars.append(click.progressbar(length=total, label="layers", file=sys.stderr, show_pos=True,
+                                          item_show_func=lambda item: item).__enter__())
+        bars[0].update(done - bars[0].pos, name)
+
+    try:
+        return quantize(model, reader, config, progress=progress)
+    finally:
+        for bar in bars:
+            bar.__exit__(None, None, None)
+
+
+def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
+    _write_atomic(path, model.SerializeToString())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: the file is whole or absent."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent.resolve(), prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,64 @@
+"""QuantConfig: every option of a conversion, typed and validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import BitsplitError
+
+MIN_BITS = 2
+MAX_BITS = 8
+
+
+def _check_bits(what: str, bits: int) -> None:
+    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise BitsplitError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Options of one conversion.
+
+    Attributes:
+        wbits: weight bits of the quantized layers. Defaults to 4.
+        abits: activation bits (per tensor). Defaults to 8.
+        first_last_wbits: weight bits of the first and last quantized layer; None keeps them at
+            `wbits`. Defaults to 8 (the paper's setting).
+        layer_wbits: weight bits by node name, overriding everything above.
+        error_compensation: take the layer inputs from the partially quantized network and the
+            target from the float one. Defaults to True.
+        bias_correction: shift each bias by the mean output error of its layer. Defaults to True.
+        iterations: at most this many alternations of scales and bit-plane sweeps. Defaults to 10.
+        damping: ridge on the Gram matrices, as a fraction of their mean diagonal; it pulls the
+            solution toward the float weights where the calibration data says little.
+            Defaults to 0.01.
+        batch_size: calibration samples run through onnxruntime at once. Defaults to 16.
+        calib_count: use at most this many calibration samples. Defaults to 256.
+    """
+
+    wbits: int = 4
+    abits: int = 8
+    first_last_wbits: int | None = 8
+    layer_wbits: dict[str, int] = field(default_factory=dict)
+    error_compensation: bool = True
+    bias_correction: bool = True
+    iterations: int = 10
+    damping: float = 0.01
+    batch_size: int = 16
+    calib_count: int = 256
+
+    def __post_init__(self) -> None:
+        _check_bits("wbits", self.wbits)
+        _check_bits("abits", self.abits)
+        if self.first_last_wbits is not None:
+            _check_bits("first_last_wbits", self.first_last_wbits)
+        for name, bits in self.layer_wbits.items():
+            _check_bits(f"bits of layer '{name}'", bits)
+        if self.iterations < 1:
+            raise BitsplitError(f"iterations must be at least 1, got {self.iterations}")
+        if not 0.0 <= self.damping < 1.0:
+            raise BitsplitError(f"damping must be in [0, 1), got {self.damping}")
+        if self.batch_size < 1:
+            raise BitsplitError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.calib_count < 1:
+            raise BitsplitError(f"calib_count must be at least 1, got {self.calib_count}")

@@ -1,0 +1,253 @@
+"""Graph preparation and the choice of layers to quantize.
+
+prepare() turns a float model into the form the rest of the tool relies on: opset 21, constants
+folded into initializers, BatchNormalization folded into the Conv before it, every quantizable
+layer with a bias, nodes named, topologically sorted, shapes inferred. find_layers() then returns a
+LayerSpec for each Conv, Gemm and MatMul whose weight is a constant.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+
+from .errors import ModelError
+from .patches import ConvGeometry, conv_patches, dense_patches
+
+log = logging.getLogger(__name__)
+
+OPSET = 21  # INT4 and per-axis DequantizeLinear
+IR_VERSION = 10  # the first IR version with INT4, so older runtimes still load the output
+QUANTIZED_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+    "ConvInteger", "MatMulInteger",
+}
+# Ops whose output is non-negative whenever their first input is.
+SIGN_PRESERVING_OPS = {
+    "Pad", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten",
+    "Transpose", "Identity", "Squeeze", "Unsqueeze", "Resize", "Upsample", "Slice", "Gather",
+    "SpaceToDepth", "DepthToSpace",
+}
+NON_NEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp", "Softplus"}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One quantizable layer.
+
+    Attributes:
+        name: the node's name (unique after prepare()).
+        op: Conv, Gemm or MatMul.
+        input_name: the activation tensor it reads.
+        weight_name, bias_name: its initializers (bias_name is None for MatMul).
+        weight_shape: the stored weight's shape.
+        axis: the output-channel axis of the stored weight (the DequantizeLinear axis).
+        geometry: Conv attributes; None for Gemm and MatMul.
+        bias_gain: output change per unit of W·x divided by the bias's own factor
+            (Gemm alpha / beta, else 1), so a mean output error maps to a bias shift.
+    """
+
+    name: str
+    op: str
+    input_name: str
+    weight_name: str
+    bias_name: str | None
+    weight_shape: tuple[int, ...]
+    axis: int
+    geometry: ConvGeometry | None = None
+    bias_gain: float = 1.0
+
+    @property
+    def groups(self) -> int:
+        return self.geometry.groups if self.geometry else 1
+
+    def weight_matrix(self, stored: np.ndarray) -> np.ndarray:
+        """Stored weight -> W (g, M/g, N), rows in output-channel order."""
+        if self.geometry:
+            return stored.reshape(self.groups, stored.shape[0] // self.groups, -1)
+        return (stored.T if self.axis == 1 else stored)[None]
+
+    def stored_weight(self, matrix: np.ndarray) -> np.ndarray:
+        """W (g, M/g, N) -> the stored weight's layout."""
+        if self.geometry:
+            return matrix.reshape(self.weight_shape)
+        return matrix[0].T if self.axis == 1 else matrix[0]
+
+    def patches(self, x: np.ndarray) -> np.ndarray:
+        """Layer input -> (g, P, N) patches, so that outputs are patches @ Wᵀ per group."""
+        return conv_patches(x, self.geometry) if self.geometry else dense_patches(x)
+
+
+def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` in the canonical form described in the module docstring."""
+    quantized = sorted({n.op_type for n in model.graph.node} & QUANTIZED_OPS)
+    if quantized:
+        raise ModelError(f"the model is already quantized (it has {', '.join(quantized)} nodes)")
+    model = _to_opset(model)
+    graph = gs.import_onnx(model)
+    _name_nodes(graph)
+    graph.fold_constants().cleanup().toposort()
+    _fold_batch_norms(graph)
+    _add_missing_biases(graph)
+    prepared = gs.export_onnx(graph)
+    prepared.ir_version = IR_VERSION
+    try:
+        return onnx.shape_inference.infer_shapes(prepared)
+    except Exception as exc:  # a model onnx cannot infer still runs; types come from the data
+        log.warning("shape inference failed: %s", exc)
+        return prepared
+
+
+def _to_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is None:
+        raise ModelError("the model imports no default-domain ONNX opset")
+    if version >= OPSET:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    try:
+        return version_converter.convert_version(model, OPSET)
+    except Exception as exc:
+        raise ModelError(f"cannot convert the model from opset {version} to {OPSET}: {exc}") from None
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Give every node a unique name: layers are addressed by name in options and reports."""
+    seen = set()
+    for index, node in enumerate(graph.nodes):
+        name = node.name or f"{node.op}_{index}"
+        while name in seen:
+            name = f"{name}_{index}"
+        node.name = name
+        seen.add(name)
+
+
+def _fold_batch_norms(graph: gs.Graph) -> None:
+    """Conv -> BatchNormalization (inference form, constants) becomes one Conv."""
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        conv = bn.i() if bn.inputs[0].inputs else None
+        params = bn.inputs[1:5]
+        if (conv is None or conv.op != "Conv" or len(bn.inputs[0].outputs) != 1
+                or not isinstance(conv.inputs[1], gs.Constant)
+                or not all(isinstance(p, gs.Constant) for p in params)
+                or len(conv.inputs) > 2 and not isinstance(conv.inputs[2], gs.Constant)
+                or len([o for o in bn.outputs if o.outputs or o in graph.outputs]) > 1):
+            continue
+        gamma, beta, mean, var = (p.values.astype(np.float64) for p in params)
+        factor = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
+        weight = conv.inputs[1].values
+        bias = conv.inputs[2].values if len(conv.inputs) > 2 else np.zeros(weight.shape[0])
+        new_weight = (weight * factor.reshape(-1, *[1] * (weight.ndim - 1))).astype(weight.dtype)
+        new_bias = ((bias - mean) * factor + beta).astype(weight.dtype)
+        conv.inputs[1] = gs.Constant(f"{conv.name}.weight_bn", new_weight)
+        if len(conv.inputs) > 2:
+            conv.inputs[2] = gs.Constant(f"{conv.name}.bias_bn", new_bias)
+        else:
+            conv.inputs.append(gs.Constant(f"{conv.name}.bias_bn", new_bias))
+        conv.outputs = [bn.outputs[0]]
+        bn.outputs.clear()
+    graph.cleanup().toposort()
+
+
+def _add_missing_biases(graph: gs.Graph) -> None:
+    """Zero biases for Conv and Gemm layers without one, so bias correction has a place to go."""
+    for node in graph.nodes:
+        if node.op not in ("Conv", "Gemm") or len(node.inputs) > 2 or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if not isinstance(weight, gs.Constant):
+            continue
+        axis = 1 if node.op == "Gemm" and not node.attrs.get("transB", 0) else 0
+        node.inputs.append(gs.Constant(f"{node.name}.bias", np.zeros(weight.shape[axis], np.float32)))
+    graph.cleanup().toposort()
+
+
+def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[tuple[str, str]]]:
+    """The quantizable layers of a prepared model in topological order, and the (name, reason)
+    of each Conv/Gemm/MatMul left in float."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    layers, skipped = [], []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+        reason = _unquantizable(node, weight, initializers, uses)
+        if reason:
+            skipped.append((node.name, reason))
+            continue
+        layers.append(_layer_spec(node, weight, initializers))
+    return layers, skipped
+
+
+def _unquantizable(node, weight, initializers, uses) -> str | None:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if weight is None:
+        return "weight is not a constant"
+    if node.input[0] in initializers:
+        return "input is a constant"
+    if weight.data_type != onnx.TensorProto.FLOAT:
+        return "weight is not float32"
+    if uses[weight.name] > 1:
+        return "weight is shared with other nodes"
+    if node.op_type == "Conv" and len(weight.dims) != 4:
+        return f"Conv{len(weight.dims) - 2}d is kept in float"
+    if node.op_type != "Conv" and len(weight.dims) != 2:
+        return "weight is not 2-D"
+    if node.op_type == "Gemm" and attrs.get("transA", 0):
+        return "Gemm with transA=1 is kept in float"
+    if len(node.input) > 2 and node.input[2] and node.input[2] not in initializers:
+        return "bias is not a constant"
+    return None
+
+
+def _layer_spec(node, weight, initializers) -> LayerSpec:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    shape = tuple(weight.dims)
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if node.op_type == "Conv":
+        geometry = ConvGeometry(
+            kernel=tuple(shape[2:]),
+            strides=tuple(attrs.get("strides", (1, 1))),
+            dilations=tuple(attrs.get("dilations", (1, 1))),
+            pads=tuple(attrs.get("pads", (0, 0, 0, 0))),
+            auto_pad=attrs.get("auto_pad", b"NOTSET").decode(),
+            groups=attrs.get("group", 1),
+        )
+        return LayerSpec(node.name, "Conv", node.input[0], weight.name, bias_name, shape, 0, geometry)
+    if node.op_type == "Gemm":
+        axis = 0 if attrs.get("transB", 0) else 1
+        gain = attrs.get("alpha", 1.0) / attrs.get("beta", 1.0)
+        return LayerSpec(node.name, "Gemm", node.input[0], weight.name, bias_name, shape, axis, None, gain)
+    return LayerSpec(node.name, "MatMul", node.input[0], weight.name, None, shape, 1)
+
+
+def is_non_negative(model: onnx.ModelProto, tensor_name: str) -> bool:
+    """True when the tensor is provably >= 0 (after Relu, Clip(min >= 0), ...)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {t.name: t for t in model.graph.initializer}
+    name = tensor_name
+    while name in producers:
+        node = producers[name]
+        if node.op_type in NON_NEGATIVE_OPS:
+            return True
+        if node.op_type == "Clip":
+            low = initializers.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            return low is not None and float(onnx.numpy_helper.to_array(low).min()) >= 0
+        if node.op_type == "Pad" and len(node.input) > 2 and node.input[2]:
+            value = initializers.get(node.input[2])
+            if value is None or float(onnx.numpy_helper.to_array(value)) < 0:
+                return False
+        if node.op_type not in SIGN_PRESERVING_OPS:
+            return False
+        name = node.input[0]
+    return False

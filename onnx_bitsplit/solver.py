@@ -1,0 +1,216 @@
+"""Bit-Split and Stitching (Wang, Chen, He, Cheng, ICML 2020): the per-layer weight solver.
+
+Pure numpy; it knows nothing about ONNX. Every array carries a leading group axis g (one entry per
+Conv group, g = 1 for dense layers), so depthwise layers solve all their channels at once.
+
+Symbols, as in the paper:
+    W      (g, M, N)        float weights: M outputs, N inputs per group
+    X~     (P, N)           layer inputs taken from the partially quantized network
+    X      (P, N)           layer inputs taken from the float network; Y = X Wᵀ is the target
+    G      (g, N, N)        X~ᵀX~ / P
+    C      (g, N, N)        XᵀX~ / P
+    R      (g, M, N)        W C, the cross term of the response loss
+    q      (g, M, N)        stitched integers in [-qmax, qmax], qmax = 2^(b-1) - 1
+    B      (b-1, g, M, N)   ternary bit planes in {-1, 0, +1}, q = Σ_i 2^i B_i
+    alpha  (g, M)           one scale per output channel
+
+The response loss of output row m, divided by P, is
+    L_m = ||Y_m||² - 2 alpha_m R_m·q_m + alpha_m² q_m G q_mᵀ,
+minimised by alternating the closed-form alpha_m = R_m·q_m / q_m G q_mᵀ with a coordinate-descent
+sweep over each bit plane: one column n at a time, the ternary B_i[:, n] that minimises L for all
+rows at once. Each step is an exact minimisation over its variables, so L never rises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 64  # columns per blocked update of H = q G (GPTQ's lazy batch update)
+
+
+@dataclass(frozen=True)
+class LayerSolution:
+    """The quantized weights of one layer.
+
+    Attributes:
+        q: (g, M, N) int8 stitched integers.
+        alpha: (g, M) float32 per-channel scales; the quantized weight is alpha[..., None] * q.
+        bias_shift: (g, M) float32 mean output error E[Y - X~ Wqᵀ], to add to the bias.
+        rel_error: response loss / ||Y||² after the solve.
+        rtn_rel_error: the same for round-to-nearest with the initial (FWA) scales.
+        loss_history: damped loss after each half-step (scales, then planes), for inspection.
+    """
+
+    q: np.ndarray
+    alpha: np.ndarray
+    bias_shift: np.ndarray
+    rel_error: float
+    rtn_rel_error: float
+    loss_history: tuple[float, ...]
+
+    def dequantized(self) -> np.ndarray:
+        """(g, M, N) float32 weights alpha * q."""
+        return (self.alpha[..., None] * self.q).astype(np.float32)
+
+
+def qmax_of(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def fwa_init(W: np.ndarray, qmax: int, iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row scales minimising ||W - alpha q||² by alternation, from alpha = max|W|/qmax.
+
+    Returns (alpha (g, M), q (g, M, N) float64 integers).
+    """
+    alpha = np.abs(W).max(axis=-1) / qmax
+    alpha = np.where(alpha > 0, alpha, 1.0)  # all-zero rows: any scale, q stays 0
+    for _ in range(iterations):
+        q = np.clip(np.rint(W / alpha[..., None]), -qmax, qmax)
+        qq = (q * q).sum(-1)
+        alpha = np.where(qq > 0, (W * q).sum(-1) / np.maximum(qq, 1e-30), alpha)
+    q = np.clip(np.rint(W / alpha[..., None]), -qmax, qmax)
+    return alpha, q
+
+
+def split(q: np.ndarray, bits: int) -> np.ndarray:
+    """Integers (..., N) -> ternary planes (b-1, ..., N); the sign goes into every plane."""
+    sign, magnitude = np.sign(q), np.abs(q).astype(np.int64)
+    return np.stack([sign * ((magnitude >> i) & 1) for i in range(bits - 1)]).astype(np.float64)
+
+
+def stitch(B: np.ndarray) -> np.ndarray:
+    """Ternary planes (b-1, ..., N) -> integers Σ_i 2^i B_i."""
+    weights = 2.0 ** np.arange(B.shape[0])
+    return np.tensordot(weights, B, axes=1)
+
+
+class BitSplitSolver:
+    """Accumulates one layer's statistics batch by batch, then solves its quantized weights.
+
+    Args:
+        W: (g, M, N) float weights.
+    """
+
+    def __init__(self, W: np.ndarray):
+        self.W = np.asarray(W, dtype=np.float64)
+        g, M, N = self.W.shape
+        self.G = np.zeros((g, N, N))
+        self.C = np.zeros((g, N, N))
+        self.x_sum = np.zeros((g, N))
+        self.x_tilde_sum = np.zeros((g, N))
+        self.y_energy = np.zeros((g, M))
+        self.count = 0
+
+    def add_batch(self, x_tilde: np.ndarray, x: np.ndarray | None = None) -> None:
+        """Fold P patches into the statistics.
+
+        Args:
+            x_tilde: (g, P, N) float32 inputs from the partially quantized network.
+            x: (g, P, N) float32 inputs from the float network; None means x = x_tilde
+                (no error compensation).
+        """
+        x = x_tilde if x is None else x
+        gram = x_tilde.transpose(0, 2, 1) @ x_tilde  # float32 BLAS, summed in float64
+        self.G += gram
+        self.C += gram if x is x_tilde else x.transpose(0, 2, 1) @ x_tilde
+        self.x_sum += x.sum(axis=1)
+        self.x_tilde_sum += x_tilde.sum(axis=1)
+        y = x @ self.W.astype(np.float32).transpose(0, 2, 1)
+        self.y_energy += np.einsum("gpm,gpm->gm", y, y)
+        self.count += x.shape[1]
+
+    def solve(self, bits: int, *, iterations: int = 10, damping: float = 0.01) -> LayerSolution:
+        """Bit-Split and Stitching on the accumulated statistics.
+
+        Args:
+            bits: weight bits b; integers lie in [-(2^(b-1) - 1), 2^(b-1) - 1].
+            iterations: at most this many alternations of scales and plane sweeps.
+            damping: λ as a fraction of mean(diag G); G + λI and C + λI add λ||W - Wq||² to the
+                loss, a ridge toward the float weights.
+        """
+        if self.count == 0:
+            raise ValueError("solve() needs at least one add_batch()")
+        qmax = qmax_of(bits)
+        G, C = self.G / self.count, self.C / self.count
+        y_energy = self.y_energy / self.count
+        eye = np.eye(G.shape[-1])
+        lam = damping * np.einsum("gnn->g", G)[:, None, None] / G.shape[-1]
+        G_d, R_d = G + lam * eye, self.W @ (C + lam * eye)
+
+        R = self.W @ C
+        alpha, q = fwa_init(self.W, qmax)
+        rtn_loss = y_energy + row_losses(R, G, alpha, q)
+        history = []
+        for _ in range(iterations):
+            alpha = optimal_alpha(R_d, G_d, q, alpha)
+            history.append(row_losses(R_d, G_d, alpha, q).sum())
+            B = split(q, bits)
+            for i in reversed(range(bits - 1)):
+                sweep_plane(B, i, q, alpha, R_d, G_d)
+            history.append(row_losses(R_d, G_d, alpha, q).sum())
+            if history[-2] - history[-1] <= 1e-7 * abs(history[-2]):
+                break
+        alpha = optimal_alpha(R_d, G_d, q, alpha)
+        history.append(row_losses(R_d, G_d, alpha, q).sum())
+
+        loss = y_energy + row_losses(R, G, alpha, q)
+        mean_x = self.x_sum / self.count
+        mean_x_tilde = self.x_tilde_sum / self.count
+        Wq = alpha[..., None] * q
+        bias_shift = np.einsum("gmn,gn->gm", self.W, mean_x) - np.einsum("gmn,gn->gm", Wq, mean_x_tilde)
+        total_energy = max(y_energy.sum(), 1e-30)
+        return LayerSolution(
+            q=q.astype(np.int8),
+            alpha=alpha.astype(np.float32),
+            bias_shift=bias_shift.astype(np.float32),
+            rel_error=float(loss.sum() / total_energy),
+            rtn_rel_error=float(rtn_loss.sum() / total_energy),
+            loss_history=tuple(float(v) for v in history),
+        )
+
+
+def optimal_alpha(R: np.ndarray, G: np.ndarray, q: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Closed-form per-row scales alpha_m = R_m·q_m / q_m G q_mᵀ; rows with q_m = 0 keep theirs."""
+    numerator = np.einsum("gmn,gmn->gm", R, q)
+    denominator = np.einsum("gmn,gmn->gm", q @ G, q)
+    return np.where(denominator > 0, numerator / np.maximum(denominator, 1e-300), alpha)
+
+
+def sweep_plane(B: np.ndarray, i: int, q: np.ndarray, alpha: np.ndarray, R: np.ndarray,
+                G: np.ndarray) -> None:
+    """One coordinate-descent pass over the columns of plane B_i, updating B and q in place.
+
+    With the other entries fixed, L_m is a parabola in q[m, n] with its minimum at
+        t = q[m, n] + (R[m, n] / alpha_m - (q G)[m, n]) / G[n, n],
+    and the best ternary B_i[m, n] is clip(round((t - rest) / 2^i), -1, 1) where rest is q[m, n]
+    without plane i. H = q G is kept current inside a block of columns and brought up to date for
+    all columns by one matrix product per block.
+    """
+    step = float(2 ** i)
+    N = q.shape[-1]
+    H = q @ G
+    diag = np.maximum(np.einsum("gnn->gn", G), 1e-300)
+    target = R / alpha[..., None]
+    for start in range(0, N, BLOCK):
+        stop = min(start + BLOCK, N)
+        H_block = H[..., start:stop].copy()
+        delta = np.zeros(q.shape[:-1] + (stop - start,))
+        for n in range(start, stop):
+            j = n - start
+            t = q[..., n] + (target[..., n] - H_block[..., j]) / diag[:, n, None]
+            rest = q[..., n] - step * B[i, ..., n]
+            b = np.clip(np.rint((t - rest) / step), -1.0, 1.0)
+            d = step * (b - B[i, ..., n])
+            B[i, ..., n] = b
+            q[..., n] += d
+            delta[..., j] = d
+            H_block += d[..., None] * G[:, None, n, start:stop]
+        H += delta @ G[:, start:stop, :]
+
+
+def row_losses(R: np.ndarray, G: np.ndarray, alpha: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """(g, M) response loss per row without its constant ||Y_m||²: -2 R_m·Wq_m + Wq_m G Wq_mᵀ."""
+    Wq = alpha[..., None] * q
+    return np.einsum("gmn,gmn->gm", Wq @ G - 2 * R, Wq)

@@ -1,0 +1,138 @@
+"""The command line: files in and out, one-line errors, no partial output."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from graphs import calibration_feeds, conv_model, image_model
+from onnx_bitsplit.cli import main
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(conv_model(), path)
+    return path
+
+
+@pytest.fixture
+def npy_dir(tmp_path):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for index, feed in enumerate(calibration_feeds(conv_model(), count=6)):
+        np.save(folder / f"{index:02d}.npy", feed["x"])
+    return folder
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, text):
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and text in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_help_lists_the_options():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for option in ("--calib", "--calib-count", "--preset", "--mean", "--std", "--wbits",
+                   "--first-last-wbits", "--error-compensation", "--report"):
+        assert option in result.output
+
+
+def test_converts_and_writes_report(tmp_path, model_path, npy_dir):
+    out, report = tmp_path / "q.onnx", tmp_path / "report.json"
+    before = model_path.read_bytes()
+    result = invoke(model_path, out, "--calib", npy_dir, "--wbits", "4", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "quantized 3 layers" in result.output
+    onnx.checker.check_model(onnx.load(out))
+    figures = json.loads(report.read_text())
+    assert [layer["bits"] for layer in figures["layers"]] == [8, 4, 8]
+    assert figures["calibration_samples"] == 6
+    assert model_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "model.onnx", "q.onnx", "report.json"]
+
+
+def test_image_folder_calibration(tmp_path):
+    path = tmp_path / "rgb.onnx"
+    onnx.save(image_model(), path)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(images / "a.jpg")
+    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(images / "b.png")  # gray, small
+    Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8)).save(images / "c.png")  # RGBA
+    (images / "notes.txt").write_text("not an image")
+    result = invoke(path, tmp_path / "q.onnx", "--calib", images, "--preset", "torch")
+    assert result.exit_code == 0, result.output
+    assert "from 3 calibration samples" in result.output
+
+
+def test_unreadable_image(tmp_path):
+    path = tmp_path / "rgb.onnx"
+    onnx.save(image_model(), path)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    assert_one_line_error(invoke(path, tmp_path / "q.onnx", "--calib", images), "broken.jpg")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_missing_input(tmp_path, npy_dir):
+    assert_one_line_error(invoke(tmp_path / "nope.onnx", tmp_path / "q.onnx", "--calib", npy_dir),
+                          "does not exist")
+
+
+def test_not_an_onnx_file(tmp_path, npy_dir):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(b"this is not a protobuf \xff\xfe")
+    assert_one_line_error(invoke(path, tmp_path / "q.onnx", "--calib", npy_dir), "cannot read")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_truncated_model(tmp_path, model_path, npy_dir):
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(model_path.read_bytes()[:200])
+    result = invoke(truncated, tmp_path / "q.onnx", "--calib", npy_dir)
+    assert_one_line_error(result, "")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_empty_calibration_folder(tmp_path):
+    path = tmp_path / "rgb.onnx"
+    onnx.save(image_model(), path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(invoke(path, tmp_path / "q.onnx", "--calib", empty), "no images")
+
+
+def test_calibration_of_the_wrong_shape(tmp_path, model_path):
+    folder = tmp_path / "wrong"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.zeros((1, 3, 12, 12), np.float32))
+    assert_one_line_error(invoke(model_path, tmp_path / "q.onnx", "--calib", folder), "shape")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_output_equal_to_input(model_path, npy_dir):
+    before = model_path.read_bytes()
+    assert_one_line_error(invoke(model_path, model_path, "--calib", npy_dir), "input")
+    assert model_path.read_bytes() == before
+
+
+def test_missing_output_folder(tmp_path, model_path, npy_dir):
+    assert_one_line_error(invoke(model_path, tmp_path / "no" / "q.onnx", "--calib", npy_dir),
+                          "does not exist")
+
+
+def test_bad_bits(tmp_path, model_path, npy_dir):
+    assert_one_line_error(invoke(model_path, tmp_path / "q.onnx", "--calib", npy_dir, "--wbits", "9"),
+                          "wbits")

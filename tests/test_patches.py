@@ -1,0 +1,51 @@
+"""Patch matrices reproduce onnxruntime's Conv exactly."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_bitsplit.patches import ConvGeometry, conv_patches, dense_patches
+
+CASES = [  # channels, outputs, groups, kernel, stride, dilation, pads, auto_pad
+    (4, 6, 1, 3, 1, 1, (1, 1, 1, 1), "NOTSET"),
+    (6, 6, 6, 3, 2, 1, None, "SAME_UPPER"),
+    (4, 4, 2, 3, 2, 2, (1, 0, 2, 1), "NOTSET"),
+    (3, 5, 1, 5, 2, 1, None, "SAME_LOWER"),
+    (3, 2, 1, 2, 1, 1, None, "VALID"),
+]
+
+
+def onnxruntime_conv(x, weight, attrs):
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("channels,outputs,groups,k,stride,dilation,pads,auto_pad", CASES)
+def test_conv_patches_reproduce_conv(channels, outputs, groups, k, stride, dilation, pads, auto_pad):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, channels, 11, 9)).astype(np.float32)
+    weight = rng.normal(size=(outputs, channels // groups, k, k)).astype(np.float32)
+    attrs = dict(kernel_shape=[k, k], strides=[stride] * 2, dilations=[dilation] * 2, group=groups)
+    attrs.update(pads=list(pads)) if auto_pad == "NOTSET" else attrs.update(auto_pad=auto_pad)
+    expected = onnxruntime_conv(x, weight, attrs)
+
+    geometry = ConvGeometry((k, k), (stride,) * 2, (dilation,) * 2, pads, auto_pad, groups)
+    patches = conv_patches(x, geometry)
+    W = weight.reshape(groups, outputs // groups, -1)
+    batch, _, out_h, out_w = expected.shape
+    y = (patches @ W.transpose(0, 2, 1)).reshape(groups, batch, out_h, out_w, outputs // groups)
+    y = y.transpose(1, 0, 4, 2, 3).reshape(expected.shape)
+    np.testing.assert_allclose(y, expected, atol=1e-4)
+
+
+def test_dense_patches_flatten_leading_axes():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    patches = dense_patches(x)
+    assert patches.shape == (1, 6, 4)
+    np.testing.assert_array_equal(patches[0, 4], [16, 17, 18, 19])

@@ -1,0 +1,128 @@
+"""quantize() on tiny models: valid QDQ that onnxruntime and onnx.reference run, close to float."""
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+from graphs import calibration_feeds, conv_bn_model, conv_model, gemm_model, matmul_model
+from onnx_bitsplit import QuantConfig, quantize
+from onnx_bitsplit.errors import CalibrationError, ModelError
+
+BUILDERS = {
+    "conv": conv_model,
+    "conv_no_bias": lambda: conv_model(bias=False),
+    "grouped_conv": lambda: conv_model(groups=4),
+    "depthwise_conv": lambda: conv_model(groups=16),
+    "conv_bn": conv_bn_model,
+    "gemm": gemm_model,
+    "gemm_transposed": lambda: gemm_model(trans_b=0),
+    "matmul": matmul_model,
+}
+
+
+def outputs(model, feeds):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, feed)[0] for feed in feeds])
+
+
+def sqnr_db(reference, test):
+    return 10 * np.log10((reference ** 2).sum() / ((reference - test) ** 2).sum())
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_w8_is_close_to_float_in_onnxruntime(kind):
+    model = BUILDERS[kind]()
+    quantized, report = quantize(model, calibration_feeds(model), QuantConfig(wbits=8))
+    onnx.checker.check_model(quantized, full_check=True)
+    assert all(node.domain in ("", "ai.onnx") for node in quantized.graph.node)
+    held_out = calibration_feeds(model, count=8, seed=7)
+    assert sqnr_db(outputs(model, held_out), outputs(quantized, held_out)) > 25
+    assert len(report.layers) == sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in model.graph.node)
+
+
+@pytest.mark.parametrize("kind", ["conv", "depthwise_conv", "gemm", "matmul"])
+def test_w4_stores_int4_weights_with_per_channel_scales(kind):
+    model = BUILDERS[kind]()
+    quantized, report = quantize(model, calibration_feeds(model),
+                                 QuantConfig(wbits=4, first_last_wbits=None))
+    layers = len(report.layers)
+    ops = collections.Counter(node.op_type for node in quantized.graph.node)
+    # one DequantizeLinear per weight, one Q/DQ pair per distinct layer input
+    assert ops["QuantizeLinear"] == report.activations == layers
+    assert ops["DequantizeLinear"] == 2 * layers
+    initializers = {t.name: t for t in quantized.graph.initializer}
+    for node in quantized.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+            weight, scale = initializers[node.input[0]], initializers[node.input[1]]
+            assert weight.data_type == onnx.TensorProto.INT4
+            assert len(scale.dims) == 1 and scale.dims[0] == weight.dims[node.attribute[0].i]
+    held_out = calibration_feeds(model, count=8, seed=7)
+    assert sqnr_db(outputs(model, held_out), outputs(quantized, held_out)) > 10
+
+
+def test_onnx_reference_agrees_with_onnxruntime():
+    model = conv_model(groups=4)
+    quantized, _ = quantize(model, calibration_feeds(model), QuantConfig(wbits=4))
+    feed = calibration_feeds(model, count=1, seed=3)[0]
+    expected = ReferenceEvaluator(quantized).run(None, feed)[0]
+    actual = outputs(quantized, [feed])
+    # onnxruntime runs QDQ with integer kernels; a tie rounded differently moves a value one step
+    assert np.abs(actual - expected).max() < 0.02 * np.abs(expected).max()
+    assert sqnr_db(expected, actual) > 35
+
+
+def test_first_and_last_layer_bits_and_overrides():
+    model = conv_model()
+    _, report = quantize(model, calibration_feeds(model, count=4), QuantConfig(wbits=3))
+    assert [layer.bits for layer in report.layers] == [8, 3, 8]
+    _, report = quantize(model, calibration_feeds(model, count=4),
+                         QuantConfig(wbits=3, first_last_wbits=None, layer_wbits={"conv2": 5}))
+    assert [layer.bits for layer in report.layers] == [3, 5, 3]
+
+
+def test_bit_split_beats_round_to_nearest_per_layer():
+    model = conv_model()
+    _, report = quantize(model, calibration_feeds(model), QuantConfig(wbits=3, first_last_wbits=None))
+    assert all(layer.rel_error < layer.rtn_rel_error for layer in report.layers)
+
+
+def test_input_model_is_untouched():
+    model = conv_bn_model()
+    before = model.SerializeToString()
+    quantize(model, calibration_feeds(model, count=4))
+    assert model.SerializeToString() == before
+
+
+def test_calibration_reader_protocol_is_accepted():
+    model = gemm_model()
+    feeds = calibration_feeds(model, count=5)
+
+    class Reader:  # what users of onnxruntime.quantization.CalibrationDataReader already have
+        def __init__(self):
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    _, report = quantize(model, Reader())
+    assert report.calibration_samples == 5
+
+
+def test_bad_calibration_and_models_raise_one_line_errors():
+    model = conv_model()
+    with pytest.raises(CalibrationError, match="empty"):
+        quantize(model, [])
+    with pytest.raises(CalibrationError, match="shape"):
+        quantize(model, [{"x": np.zeros((1, 3, 12, 12), np.float32)}])
+    with pytest.raises(CalibrationError, match="no value for input"):
+        quantize(model, [{"image": np.zeros((1, 8, 12, 12), np.float32)}])
+    no_layers = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])]))
+    with pytest.raises(ModelError, match="no Conv, Gemm or MatMul"):
+        quantize(no_layers, [{"x": np.zeros((1, 4), np.float32)}])

@@ -1,0 +1,111 @@
+"""Solver properties on synthetic data (numpy only)."""
+
+import numpy as np
+import pytest
+
+from onnx_bitsplit.solver import BitSplitSolver, fwa_init, qmax_of, split, stitch
+
+
+def correlated_inputs(rng, P=3000, N=48, noise=0.0):
+    """Inputs with correlated columns, as real activations have, and a noisy 'quantized' copy."""
+    x = (rng.normal(size=(P, N)) @ rng.normal(size=(N, N)) / np.sqrt(N)).astype(np.float32)
+    x_tilde = x + noise * rng.normal(size=x.shape).astype(np.float32)
+    return x_tilde[None], x[None]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_split_gives_ternary_planes_that_stitch_back(rng):
+    q = rng.integers(-7, 8, size=(2, 5, 9)).astype(np.float64)
+    B = split(q, bits=4)
+    assert B.shape == (3, 2, 5, 9)
+    assert set(np.unique(B)) <= {-1.0, 0.0, 1.0}
+    np.testing.assert_array_equal(stitch(B), q)
+
+
+def test_fwa_init_golden():
+    # qmax 1: alpha starts at 0.9, q = round([1, -1/3]) = [1, 0], alpha = <W,q>/<q,q> = 0.9
+    alpha, q = fwa_init(np.array([[[0.9, -0.3]]]), qmax=1)
+    np.testing.assert_allclose(alpha, [[0.9]])
+    np.testing.assert_array_equal(q, [[[1, 0]]])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_solution_is_in_range_and_loss_never_rises(rng, bits):
+    W = rng.normal(size=(1, 16, 48))
+    solver = BitSplitSolver(W)
+    solver.add_batch(*correlated_inputs(rng, noise=0.1))
+    solution = solver.solve(bits, iterations=6)
+    assert solution.q.dtype == np.int8
+    assert np.abs(solution.q).max() <= qmax_of(bits)
+    history = np.array(solution.loss_history)
+    assert len(history) >= 3
+    assert np.all(np.diff(history) <= 1e-9 * np.abs(history).max())
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.2])
+def test_beats_round_to_nearest(rng, noise):
+    W = rng.normal(size=(1, 32, 48))
+    solver = BitSplitSolver(W)
+    x_tilde, x = correlated_inputs(rng, noise=noise)
+    solver.add_batch(x_tilde, x)
+    solution = solver.solve(3, damping=0.0)
+    assert solution.rel_error < 0.8 * solution.rtn_rel_error
+    # rel_error is the measured output error, not only the solver's own bookkeeping
+    Y = x[0] @ W[0].T
+    Yq = x_tilde[0] @ solution.dequantized()[0].T
+    np.testing.assert_allclose(((Y - Yq) ** 2).sum() / (Y ** 2).sum(), solution.rel_error, rtol=1e-3)
+
+
+def test_weights_on_the_grid_come_back_exact(rng):
+    q = rng.integers(-7, 8, size=(3, 4, 9))
+    q[..., 0] = 7  # every row reaches qmax, so its scale is recoverable
+    alpha = rng.uniform(0.01, 0.1, size=(3, 4))
+    W = alpha[..., None] * q
+    solver = BitSplitSolver(W)
+    solver.add_batch(rng.normal(size=(3, 500, 9)).astype(np.float32))
+    solution = solver.solve(4)
+    np.testing.assert_array_equal(solution.q, q)
+    np.testing.assert_allclose(solution.alpha, alpha, rtol=1e-5)
+    assert solution.rel_error < 1e-6
+
+
+def test_statistics_do_not_depend_on_batching(rng):
+    W = rng.normal(size=(1, 8, 48))
+    x_tilde, x = correlated_inputs(rng, noise=0.1)
+    whole, parts = BitSplitSolver(W), BitSplitSolver(W)
+    whole.add_batch(x_tilde, x)
+    for rows in np.array_split(np.arange(x.shape[1]), 7):
+        parts.add_batch(x_tilde[:, rows], x[:, rows])
+    np.testing.assert_allclose(parts.G, whole.G, rtol=1e-4)
+    np.testing.assert_allclose(parts.C, whole.C, rtol=1e-4)
+    np.testing.assert_array_equal(parts.solve(4).q, whole.solve(4).q)
+
+
+def test_bias_shift_is_the_mean_output_error(rng):
+    W = rng.normal(size=(2, 3, 5))
+    x = rng.normal(1.0, 1.0, size=(2, 400, 5)).astype(np.float32)
+    x_tilde = x + 0.5  # a systematic shift in the quantized network's inputs
+    solver = BitSplitSolver(W)
+    solver.add_batch(x_tilde, x)
+    solution = solver.solve(4)
+    Wq = solution.dequantized()
+    expected = (x @ W.transpose(0, 2, 1) - x_tilde @ Wq.transpose(0, 2, 1)).mean(axis=1)
+    np.testing.assert_allclose(solution.bias_shift, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_depthwise_groups_solve_independently(rng):
+    """A grouped solve equals solving each group alone."""
+    W = rng.normal(size=(4, 1, 9))
+    x = rng.normal(size=(4, 300, 9)).astype(np.float32)
+    grouped = BitSplitSolver(W)
+    grouped.add_batch(x)
+    together = grouped.solve(3)
+    for g in range(4):
+        single = BitSplitSolver(W[g:g + 1])
+        single.add_batch(x[g:g + 1])
+        alone = single.solve(3)
+        np.testing.assert_array_equal(together.q[g], alone.q[0])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 MAX_SAMPLES = 1 << 18  # values a scale is searched on (sample_values)
-GRID_POINTS = 21  # starting scales tried by mse_scale
+GRID_POINTS = 21  # starting scales tried by mse_scale ...
+GRID_SAMPLES = 1 << 16  # ... each on this many of the values
 
 
 def quant_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -44,7 +45,8 @@ def mse_scale(values: np.ndarray, bits: int, signed: bool, iterations: int = 30)
     if peak == 0:
         return 1.0
     grid = peak / high * 2.0 ** -np.linspace(0.0, 5.0, GRID_POINTS)
-    scale = min(grid, key=lambda s: _error(x, s, low, high))
+    coarse = x[:: max(1, x.size // GRID_SAMPLES)]
+    scale = min(grid, key=lambda s: _error(coarse, s, low, high))
     for _ in range(iterations):
         q = np.clip(np.rint(x / scale), low, high)
         qq = q @ q

@@ -19,7 +19,8 @@ from .qdq import ActivationQuant, WeightQuant, write_qdq
 from .report import LayerReport, Report
 from .solver import BitSplitSolver
 
-PATCH_ELEMENTS = 1 << 23  # patch values built at once (32 MiB of float32) per stream
+PATCH_ELEMENTS = 1 << 22  # patch values built at once per stream: 16 MiB, small enough that
+# malloc reuses the buffer instead of mapping (and page-faulting) fresh memory each time
 
 Progress = Callable[[int, int, str], None]
 

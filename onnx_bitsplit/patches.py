@@ -1,7 +1,8 @@
 """Layer inputs -> patch matrices (numpy only), one row per output position.
 
-A patch row holds exactly the inputs one output value is computed from, in the order of the
-flattened weight row, so that the layer output is patches @ Wᵀ per group.
+Patches have shape (..., g, P, N): a row holds exactly the inputs one output value is computed
+from, in the order of the flattened weight row, so that the layer output is patches @ Wᵀ per
+group. Leading axes, where present, are more rows (one block per sample).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class ConvGeometry:
     auto_pad: str = "NOTSET"
     groups: int = 1
 
+    def is_pointwise(self, height: int, width: int) -> bool:
+        """A 1x1, stride-1, unpadded Conv: each output position reads one input position."""
+        return (self.kernel == (1, 1) and self.strides == (1, 1)
+                and self.resolved_pads(height, width) == (0, 0, 0, 0))
+
     def resolved_pads(self, height: int, width: int) -> tuple[int, int, int, int]:
         if self.auto_pad in ("NOTSET", "VALID"):
             return self.pads if self.auto_pad == "NOTSET" else (0, 0, 0, 0)
@@ -44,18 +50,27 @@ class ConvGeometry:
 
 
 def conv_patches(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
-    """NCHW input (B, C, H, W) -> patches (g, B*Ho*Wo, C/g*kh*kw) for a 2-D Conv."""
+    """NCHW input (B, C, H, W) -> patches (B, g, Ho*Wo, C/g*kh*kw) for a 2-D Conv.
+
+    The result is a transposed view of a (B, g, N, Ho*Wo) array, built one kernel tap at a time
+    with plain strided copies (BLAS takes the transposed view as it is); for a pointwise Conv it
+    is a view of x itself, with no copy.
+    """
     batch, channels, height, width = x.shape
+    g = geometry.groups
+    if geometry.is_pointwise(height, width):
+        return x.reshape(batch, g, channels // g, height * width).swapaxes(-1, -2)
     top, left, bottom, right = geometry.resolved_pads(height, width)
     x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     (kh, kw), (sh, sw), (dh, dw) = geometry.kernel, geometry.strides, geometry.dilations
-    windows = np.lib.stride_tricks.sliding_window_view(x, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
-    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]  # (B, C, Ho, Wo, kh, kw)
-    g = geometry.groups
-    _, _, out_h, out_w, _, _ = windows.shape
-    windows = windows.reshape(batch, g, channels // g, out_h, out_w, kh, kw)
-    patches = windows.transpose(1, 0, 3, 4, 2, 5, 6)
-    return np.ascontiguousarray(patches).reshape(g, batch * out_h * out_w, channels // g * kh * kw)
+    out_h = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1
+    out_w = (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    columns = np.empty((batch, channels, kh, kw, out_h, out_w), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            columns[:, :, i, j] = x[:, :, i * dh: i * dh + sh * (out_h - 1) + 1: sh,
+                                    j * dw: j * dw + sw * (out_w - 1) + 1: sw]
+    return columns.reshape(batch, g, channels // g * kh * kw, out_h * out_w).swapaxes(-1, -2)
 
 
 def dense_patches(x: np.ndarray) -> np.ndarray:

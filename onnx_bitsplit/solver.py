@@ -9,6 +9,7 @@ Symbols, as in the paper:
     X      (P, N)           layer inputs taken from the float network; Y = X Wᵀ is the target
     G      (g, N, N)        X~ᵀX~ / P
     C      (g, N, N)        XᵀX~ / P
+    F      (g, N, N)        XᵀX / P, for ||Y_m||² = W_m F W_mᵀ
     R      (g, M, N)        W C, the cross term of the response loss
     q      (g, M, N)        stitched integers in [-qmax, qmax], qmax = 2^(b-1) - 1
     B      (b-1, g, M, N)   ternary bit planes in {-1, 0, +1}, q = Σ_i 2^i B_i
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BLOCK = 64  # columns per blocked update of H = q G (GPTQ's lazy batch update)
+BLOCK = 32  # columns per blocked update of H = q G (GPTQ's lazy batch update)
+CONVERGED = 1e-5  # stop when a sweep lowers the loss by less than this fraction
 
 
 @dataclass(frozen=True)
@@ -100,26 +102,30 @@ class BitSplitSolver:
         self.C = np.zeros((g, N, N))
         self.x_sum = np.zeros((g, N))
         self.x_tilde_sum = np.zeros((g, N))
-        self.y_energy = np.zeros((g, M))
+        self.F = np.zeros((g, N, N))
         self.count = 0
 
     def add_batch(self, x_tilde: np.ndarray, x: np.ndarray | None = None) -> None:
-        """Fold P patches into the statistics.
+        """Fold a batch of patches into the statistics.
 
         Args:
-            x_tilde: (g, P, N) float32 inputs from the partially quantized network.
-            x: (g, P, N) float32 inputs from the float network; None means x = x_tilde
-                (no error compensation).
+            x_tilde: (..., g, P, N) float32 inputs from the partially quantized network; leading
+                axes (e.g. one per sample) are summed over like P.
+            x: the same from the float network; None means x = x_tilde (no error compensation).
         """
         x = x_tilde if x is None else x
-        gram = x_tilde.transpose(0, 2, 1) @ x_tilde  # float32 BLAS, summed in float64
+        x_tilde_t = x_tilde.swapaxes(-1, -2)
+        gram = _summed(x_tilde_t @ x_tilde, 3)  # float32 BLAS per batch, summed in float64
         self.G += gram
-        self.C += gram if x is x_tilde else x.transpose(0, 2, 1) @ x_tilde
-        self.x_sum += x.sum(axis=1)
-        self.x_tilde_sum += x_tilde.sum(axis=1)
-        y = x @ self.W.astype(np.float32).transpose(0, 2, 1)
-        self.y_energy += np.einsum("gpm,gpm->gm", y, y)
-        self.count += x.shape[1]
+        if x is x_tilde:
+            self.C += gram
+            self.F += gram
+        else:
+            self.C += _summed(x.swapaxes(-1, -2) @ x_tilde, 3)
+            self.F += _summed(x.swapaxes(-1, -2) @ x, 3)
+        self.x_sum += _summed(x.sum(axis=-2), 2)
+        self.x_tilde_sum += _summed(x_tilde.sum(axis=-2), 2)
+        self.count += x.size // (x.shape[-3] * x.shape[-1])
 
     def solve(self, bits: int, *, iterations: int = 10, damping: float = 0.01) -> LayerSolution:
         """Bit-Split and Stitching on the accumulated statistics.
@@ -134,32 +140,38 @@ class BitSplitSolver:
             raise ValueError("solve() needs at least one add_batch()")
         qmax = qmax_of(bits)
         G, C = self.G / self.count, self.C / self.count
-        y_energy = self.y_energy / self.count
+        y_energy = np.einsum("gmn,gmn->gm", self.W @ (self.F / self.count), self.W)
         eye = np.eye(G.shape[-1])
         lam = damping * np.einsum("gnn->g", G)[:, None, None] / G.shape[-1]
         G_d, R_d = G + lam * eye, self.W @ (C + lam * eye)
 
-        R = self.W @ C
+        # The loop runs column-major, (g, N, M), so that every column it touches is contiguous;
+        # H = q G is kept with q and updated with it, never recomputed.
+        RT, R_dT = _columns(self.W @ C), _columns(R_d)
         alpha, q = fwa_init(self.W, qmax)
-        rtn_loss = y_energy + row_losses(R, G, alpha, q)
+        qT = _columns(q)
+        rtn_loss = y_energy + row_losses(RT, G @ qT, alpha, qT)
+        HT = G_d @ qT
         history = []
         for _ in range(iterations):
-            alpha = optimal_alpha(R_d, G_d, q, alpha)
-            history.append(row_losses(R_d, G_d, alpha, q).sum())
-            B = split(q, bits)
+            alpha = optimal_alpha(R_dT, HT, qT, alpha)
+            history.append(row_losses(R_dT, HT, alpha, qT).sum())
+            BT = split(qT, bits)
+            targetT = R_dT / alpha[:, None, :]
             for i in reversed(range(bits - 1)):
-                sweep_plane(B, i, q, alpha, R_d, G_d)
-            history.append(row_losses(R_d, G_d, alpha, q).sum())
-            if history[-2] - history[-1] <= 1e-7 * abs(history[-2]):
+                sweep_plane(BT[i], float(2 ** i), qT, HT, targetT, G_d)
+            history.append(row_losses(R_dT, HT, alpha, qT).sum())
+            if history[-2] - history[-1] <= CONVERGED * abs(history[-2]):
                 break
-        alpha = optimal_alpha(R_d, G_d, q, alpha)
-        history.append(row_losses(R_d, G_d, alpha, q).sum())
+        if iterations:
+            alpha = optimal_alpha(R_dT, HT, qT, alpha)
+            history.append(row_losses(R_dT, HT, alpha, qT).sum())
 
-        loss = y_energy + row_losses(R, G, alpha, q)
-        mean_x = self.x_sum / self.count
-        mean_x_tilde = self.x_tilde_sum / self.count
+        loss = y_energy + row_losses(RT, G @ qT, alpha, qT)
+        q = qT.transpose(0, 2, 1)
         Wq = alpha[..., None] * q
-        bias_shift = np.einsum("gmn,gn->gm", self.W, mean_x) - np.einsum("gmn,gn->gm", Wq, mean_x_tilde)
+        bias_shift = (np.einsum("gmn,gn->gm", self.W, self.x_sum)
+                      - np.einsum("gmn,gn->gm", Wq, self.x_tilde_sum)) / self.count
         total_energy = max(y_energy.sum(), 1e-30)
         return LayerSolution(
             q=q.astype(np.int8),
@@ -171,46 +183,59 @@ class BitSplitSolver:
         )
 
 
-def optimal_alpha(R: np.ndarray, G: np.ndarray, q: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Closed-form per-row scales alpha_m = R_m·q_m / q_m G q_mᵀ; rows with q_m = 0 keep theirs."""
-    numerator = np.einsum("gmn,gmn->gm", R, q)
-    denominator = np.einsum("gmn,gmn->gm", q @ G, q)
+def _summed(batched: np.ndarray, trailing: int) -> np.ndarray:
+    """Sum over all but the last `trailing` axes, in float64."""
+    return batched.reshape(-1, *batched.shape[batched.ndim - trailing:]).sum(axis=0, dtype=np.float64)
+
+
+def _columns(matrix: np.ndarray) -> np.ndarray:
+    """(g, M, N) -> a contiguous (g, N, M) copy."""
+    return np.ascontiguousarray(matrix.transpose(0, 2, 1))
+
+
+def optimal_alpha(RT: np.ndarray, HT: np.ndarray, qT: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Closed-form per-row scales alpha_m = R_m·q_m / q_m G q_mᵀ; rows with q_m = 0 keep theirs.
+
+    All of RT, HT = (q G)ᵀ and qT are column-major, (g, N, M).
+    """
+    numerator = (RT * qT).sum(axis=1)
+    denominator = (HT * qT).sum(axis=1)
     return np.where(denominator > 0, numerator / np.maximum(denominator, 1e-300), alpha)
 
 
-def sweep_plane(B: np.ndarray, i: int, q: np.ndarray, alpha: np.ndarray, R: np.ndarray,
-                G: np.ndarray) -> None:
-    """One coordinate-descent pass over the columns of plane B_i, updating B and q in place.
+def sweep_plane(planeT: np.ndarray, step: float, qT: np.ndarray, HT: np.ndarray,
+                targetT: np.ndarray, G: np.ndarray) -> None:
+    """One coordinate-descent pass over the columns of one bit plane (weight `step` = 2^i),
+    updating the plane, q and H = q G in place. All of them are column-major, (g, N, M).
 
     With the other entries fixed, L_m is a parabola in q[m, n] with its minimum at
-        t = q[m, n] + (R[m, n] / alpha_m - (q G)[m, n]) / G[n, n],
-    and the best ternary B_i[m, n] is clip(round((t - rest) / 2^i), -1, 1) where rest is q[m, n]
-    without plane i. H = q G is kept current inside a block of columns and brought up to date for
-    all columns by one matrix product per block.
+        t = q[m, n] + (R[m, n] / alpha_m - H[m, n]) / G[n, n],
+    and the best ternary B_i[m, n] is clip(round((t - rest) / 2^i), -1, 1), where rest is q[m, n]
+    without plane i. H is kept current inside a block of columns and brought up to date for all
+    columns by one matrix product per block.
     """
-    step = float(2 ** i)
-    N = q.shape[-1]
-    H = q @ G
-    diag = np.maximum(np.einsum("gnn->gn", G), 1e-300)
-    target = R / alpha[..., None]
+    N = qT.shape[1]
+    inverse_diag = 1.0 / np.maximum(np.einsum("gnn->gn", G), 1e-300)
     for start in range(0, N, BLOCK):
         stop = min(start + BLOCK, N)
-        H_block = H[..., start:stop].copy()
-        delta = np.zeros(q.shape[:-1] + (stop - start,))
+        H_block = HT[:, start:stop].copy()
+        delta = np.zeros_like(H_block)
         for n in range(start, stop):
             j = n - start
-            t = q[..., n] + (target[..., n] - H_block[..., j]) / diag[:, n, None]
-            rest = q[..., n] - step * B[i, ..., n]
+            t = qT[:, n] + (targetT[:, n] - H_block[:, j]) * inverse_diag[:, n, None]
+            rest = qT[:, n] - step * planeT[:, n]
             b = np.clip(np.rint((t - rest) / step), -1.0, 1.0)
-            d = step * (b - B[i, ..., n])
-            B[i, ..., n] = b
-            q[..., n] += d
-            delta[..., j] = d
-            H_block += d[..., None] * G[:, None, n, start:stop]
-        H += delta @ G[:, start:stop, :]
+            d = step * (b - planeT[:, n])
+            if not d.any():  # late sweeps change few entries: skip the updates of those that don't
+                continue
+            planeT[:, n] = b
+            qT[:, n] += d
+            delta[:, j] = d
+            H_block += G[:, start:stop, n, None] * d[:, None, :]
+        if delta.any():
+            HT += G[:, :, start:stop] @ delta
 
 
-def row_losses(R: np.ndarray, G: np.ndarray, alpha: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """(g, M) response loss per row without its constant ||Y_m||²: -2 R_m·Wq_m + Wq_m G Wq_mᵀ."""
-    Wq = alpha[..., None] * q
-    return np.einsum("gmn,gmn->gm", Wq @ G - 2 * R, Wq)
+def row_losses(RT: np.ndarray, HT: np.ndarray, alpha: np.ndarray, qT: np.ndarray) -> np.ndarray:
+    """(g, M) response loss per row without its constant ||Y_m||²: alpha² q_m G q_mᵀ - 2 alpha R_m·q_m."""
+    return alpha ** 2 * (HT * qT).sum(axis=1) - 2 * alpha * (RT * qT).sum(axis=1)

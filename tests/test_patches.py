@@ -39,8 +39,9 @@ def test_conv_patches_reproduce_conv(channels, outputs, groups, k, stride, dilat
     patches = conv_patches(x, geometry)
     W = weight.reshape(groups, outputs // groups, -1)
     batch, _, out_h, out_w = expected.shape
-    y = (patches @ W.transpose(0, 2, 1)).reshape(groups, batch, out_h, out_w, outputs // groups)
-    y = y.transpose(1, 0, 4, 2, 3).reshape(expected.shape)
+    assert patches.shape == (batch, groups, out_h * out_w, W.shape[-1])
+    y = patches @ W.transpose(0, 2, 1)  # (B, g, Ho*Wo, M/g)
+    y = y.transpose(0, 1, 3, 2).reshape(expected.shape)
     np.testing.assert_allclose(y, expected, atol=1e-4)
 
 
@@ -49,3 +50,15 @@ def test_dense_patches_flatten_leading_axes():
     patches = dense_patches(x)
     assert patches.shape == (1, 6, 4)
     np.testing.assert_array_equal(patches[0, 4], [16, 17, 18, 19])
+
+
+def test_pointwise_conv_patches_are_a_view_that_reproduces_conv():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 6, 5, 7)).astype(np.float32)
+    weight = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    expected = onnxruntime_conv(x, weight, dict(kernel_shape=[1, 1], group=2))
+    patches = conv_patches(x, ConvGeometry((1, 1), groups=2))
+    assert patches.shape == (2, 2, 35, 3) and np.shares_memory(patches, x)
+    y = patches @ weight.reshape(2, 2, 3).transpose(0, 2, 1)  # (B, g, H*W, M/g)
+    y = y.transpose(0, 1, 3, 2).reshape(expected.shape)
+    np.testing.assert_allclose(y, expected, atol=1e-4)

@@ -109,3 +109,15 @@ def test_depthwise_groups_solve_independently(rng):
         single.add_batch(x[g:g + 1])
         alone = single.solve(3)
         np.testing.assert_array_equal(together.q[g], alone.q[0])
+
+
+def test_leading_axes_count_as_rows(rng):
+    """Per-sample blocks (B, g, P, N) give the statistics of their concatenation (g, B*P, N)."""
+    W = rng.normal(size=(2, 3, 5))
+    x = rng.normal(size=(4, 2, 50, 5)).astype(np.float32)
+    blocks, rows = BitSplitSolver(W), BitSplitSolver(W)
+    blocks.add_batch(x)
+    rows.add_batch(np.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(2, 200, 5))
+    assert blocks.count == rows.count == 200
+    np.testing.assert_allclose(blocks.G, rows.G, rtol=1e-5)
+    np.testing.assert_allclose(blocks.x_sum, rows.x_sum, rtol=1e-5)

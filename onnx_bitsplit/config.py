@@ -28,7 +28,8 @@ class QuantConfig:
         error_compensation: take the layer inputs from the partially quantized network and the
             target from the float one. Defaults to True.
         bias_correction: shift each bias by the mean output error of its layer. Defaults to True.
-        iterations: at most this many alternations of scales and bit-plane sweeps. Defaults to 10.
+        iterations: at most this many alternations of scales and bit-plane sweeps; 0 keeps the
+            round-to-nearest integers and scales of the initialisation. Defaults to 10.
         damping: ridge on the Gram matrices, as a fraction of their mean diagonal; it pulls the
             solution toward the float weights where the calibration data says little.
             Defaults to 0.01.
@@ -54,8 +55,8 @@ class QuantConfig:
             _check_bits("first_last_wbits", self.first_last_wbits)
         for name, bits in self.layer_wbits.items():
             _check_bits(f"bits of layer '{name}'", bits)
-        if self.iterations < 1:
-            raise BitsplitError(f"iterations must be at least 1, got {self.iterations}")
+        if self.iterations < 0:
+            raise BitsplitError(f"iterations must be 0 or more, got {self.iterations}")
         if not 0.0 <= self.damping < 1.0:
             raise BitsplitError(f"damping must be in [0, 1), got {self.damping}")
         if self.batch_size < 1:

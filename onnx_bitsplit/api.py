@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from .act_scale import fake_quant, mse_scale, sample_values
-from .calibration import as_feeds, batch_feeds
+from .calibration import as_feeds, batch_feeds, input_shapes
 from .capture import NetworkStreams
 from .config import QuantConfig
 from .errors import ModelError
@@ -46,7 +46,7 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
         if not layers:
             raise ModelError("the model has no Conv, Gemm or MatMul with a constant weight to quantize")
     with _phase(report, "calibration"):
-        batches = batch_feeds(as_feeds(calibration), _input_shapes(prepared),
+        batches = batch_feeds(as_feeds(calibration), input_shapes(prepared),
                               batch_size=config.batch_size, count=config.calib_count)
         report.calibration_samples = sum(next(iter(b.values())).shape[0] for b in batches)
         streams = NetworkStreams(prepared, layers, batches, compensate=config.error_compensation)
@@ -132,14 +132,6 @@ def _row_chunks(batch: np.ndarray, layer: LayerSpec) -> list[slice]:
         per_sample = per_sample * kh * kw // (sh * sw) + 1
     rows = max(1, PATCH_ELEMENTS // per_sample)
     return [slice(i, i + rows) for i in range(0, batch.shape[0], rows)]
-
-
-def _input_shapes(model: onnx.ModelProto) -> dict[str, list]:
-    initializers = {t.name for t in model.graph.initializer}
-    return {
-        i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
-        for i in model.graph.input if i.name not in initializers
-    }
 
 
 @contextmanager

@@ -153,18 +153,34 @@ def as_feeds(calibration) -> Iterator[dict[str, np.ndarray]]:
     raise CalibrationError("calibration must be a CalibrationDataReader or an iterable of feed dicts")
 
 
-def batch_feeds(feeds: Iterable[dict[str, np.ndarray]], input_shapes: dict[str, list], *,
+def input_shapes(model) -> dict[str, list]:
+    """The model's real inputs (initializers excluded): name -> shape, None for a dynamic dim."""
+    initializers = {t.name for t in model.graph.initializer}
+    return {
+        i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+        for i in model.graph.input if i.name not in initializers
+    }
+
+
+def labels_from_names(paths: list[Path]) -> list[int] | None:
+    """Labels from file names that start with a class number, `CCC_anything.jpg` -> CCC; None
+    unless every name does."""
+    numbers = [p.name.split("_", 1)[0] for p in paths]
+    return [int(n) for n in numbers] if numbers and all(n.isdigit() for n in numbers) else None
+
+
+def batch_feeds(feeds: Iterable[dict[str, np.ndarray]], shapes: dict[str, list], *,
                 batch_size: int, count: int) -> list[dict[str, np.ndarray]]:
     """At most `count` samples, checked against the model's inputs and concatenated into batches
     of `batch_size` where the batch axis is dynamic.
 
     Args:
-        input_shapes: input name -> shape, with None or a string for a dynamic dimension.
+        shapes: input name -> shape, None for a dynamic dimension (input_shapes()).
     """
-    dynamic_batch = all(shape and not isinstance(shape[0], int) for shape in input_shapes.values())
+    dynamic_batch = all(shape and not isinstance(shape[0], int) for shape in shapes.values())
     batches, pending, pending_rows, total = [], [], 0, 0
     for feed in feeds:
-        feed = _checked_feed(feed, input_shapes)
+        feed = _checked_feed(feed, shapes)
         rows = next(iter(feed.values())).shape[0]
         pending.append(feed)
         pending_rows += rows
@@ -181,14 +197,14 @@ def batch_feeds(feeds: Iterable[dict[str, np.ndarray]], input_shapes: dict[str, 
     return _trim(batches, count) if dynamic_batch else batches
 
 
-def _checked_feed(feed, input_shapes) -> dict[str, np.ndarray]:
+def _checked_feed(feed, shapes) -> dict[str, np.ndarray]:
     if not isinstance(feed, dict):
         raise CalibrationError(f"a calibration feed must be a dict of arrays, got {type(feed).__name__}")
-    missing = [name for name in input_shapes if name not in feed]
+    missing = [name for name in shapes if name not in feed]
     if missing:
         raise CalibrationError(f"a calibration feed has no value for input {', '.join(missing)}")
     checked = {}
-    for name, shape in input_shapes.items():
+    for name, shape in shapes.items():
         value = np.asarray(feed[name])
         if value.ndim != len(shape) or any(
                 isinstance(want, int) and want != got for want, got in zip(shape, value.shape)):

@@ -1,4 +1,8 @@
-"""The `onnx-bitsplit` command: flags -> QuantConfig, files in and out, errors -> exit codes."""
+"""The `onnx-bitsplit` command: flags -> QuantConfig, files in and out, errors -> exit codes.
+
+    onnx-bitsplit IN.onnx OUT.onnx --calib DIR ...      quantize (the main job)
+    onnx-bitsplit check FLOAT.onnx QUANT.onnx --data DIR  compare a quantized model with its float one
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,15 @@ import click
 import onnx
 
 from .api import quantize
-from .calibration import ARRAY_SUFFIXES, PRESETS, ImageFolderReader, NpyReader
+from .calibration import ARRAY_SUFFIXES, PRESETS, ImageFolderReader, NpyReader, labels_from_names
+from .check import compare
 from .config import QuantConfig
 from .errors import BitsplitError, CalibrationError, ModelError
 
 EXIT_ERROR = 1
+EXIT_GATE = 3  # check: the quantized model is below a --min-* gate
 EXIT_INTERRUPTED = 130
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class CommandError(click.ClickException):
@@ -47,17 +54,30 @@ def _layer_bits(pairs: tuple[str, ...]) -> dict[str, int]:
     return bits
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main(argv: list[str] | None = None):
+    """Entry point: `check` as the first word selects the check command, anything else quantizes."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] == "check":
+        return check_command.main(args[1:], prog_name="onnx-bitsplit check")
+    return quantize_command.main(args, prog_name="onnx-bitsplit")
+
+
+def image_options(command):
+    """--preset, --mean and --std, shared by both commands."""
+    command = click.option("--std", help="Per-channel std in pixel units (overrides --preset), e.g. 58.4,57.1,57.4.")(command)
+    command = click.option("--mean", help="Per-channel mean in pixel units (overrides --preset), e.g. 123.7,116.3,103.5.")(command)
+    return click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tf", show_default=True,
+                        help="Image normalisation: tf (x-127)/128, torch ImageNet mean/std, unit x/255, raw x.")(command)
+
+
+@click.command(context_settings=CONTEXT, epilog="Compare the result with its float model: onnx-bitsplit check --help")
 @click.argument("input_path", metavar="IN.onnx", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("output_path", metavar="OUT.onnx", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--calib", "calib", required=True, type=click.Path(path_type=Path),
               help="Calibration data: a folder of images, or .npy/.npz input tensors (a file or folder).")
 @click.option("--calib-count", default=256, show_default=True, type=int,
               help="Use at most this many calibration samples.")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tf", show_default=True,
-              help="Image normalisation: tf (x-127)/128, torch ImageNet mean/std, unit x/255, raw x.")
-@click.option("--mean", help="Per-channel mean in pixel units (overrides --preset), e.g. 123.7,116.3,103.5.")
-@click.option("--std", help="Per-channel std in pixel units (overrides --preset), e.g. 58.4,57.1,57.4.")
+@image_options
 @click.option("--wbits", default=4, show_default=True, type=int, help="Weight bits, 2 to 8.")
 @click.option("--abits", default=8, show_default=True, type=int, help="Activation bits (per tensor).")
 @click.option("--first-last-wbits", default="8", show_default=True,
@@ -77,7 +97,7 @@ def _layer_bits(pairs: tuple[str, ...]) -> dict[str, int]:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the per-layer figures to this JSON file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
-def main(input_path: Path, output_path: Path, calib: Path, calib_count: int, preset: str,
+def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_count: int, preset: str,
          mean: str | None, std: str | None, wbits: int, abits: int, first_last_wbits: str,
          layer_bits: tuple[str, ...], error_compensation: bool, bias_correction: bool,
          iterations: int, damping: float, batch_size: int, report_path: Path | None, quiet: bool):
@@ -91,7 +111,7 @@ def main(input_path: Path, output_path: Path, calib: Path, calib_count: int, pre
             batch_size=batch_size, calib_count=calib_count)
         _check_paths(input_path, output_path)
         model = _load(input_path)
-        reader = _reader(model, calib, calib_count, preset, _floats(mean), _floats(std))
+        reader = _reader(model, calib, calib_count, preset, mean, std)
         quantized, report = _quantize_with_progress(model, reader, config, quiet)
         _save_atomic(quantized, output_path)
         if report_path:
@@ -107,6 +127,53 @@ def main(input_path: Path, output_path: Path, calib: Path, calib_count: int, pre
         report.float_bytes, report.quant_bytes = input_path.stat().st_size, output_path.stat().st_size
         click.echo(report.summary(), err=True)
         click.echo(f"wrote {output_path}", err=True)
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("float_path", metavar="FLOAT.onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("quant_path", metavar="QUANT.onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Inputs: a folder of images, or .npy/.npz input tensors (a file or folder).")
+@click.option("--count", type=int, help="Use at most this many samples.  [default: all]")
+@image_options
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Class of each sample, one integer a line in sample order. Without it, image names "
+                   "that start with a class number (CCC_name.jpg) give the labels.")
+@click.option("--min-agree", type=float, help="Exit with 3 if argmax agreement is below this fraction.")
+@click.option("--min-sqnr", type=float, help="Exit with 3 if SQNR is below this many dB.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def check_command(float_path: Path, quant_path: Path, data: Path, count: int | None, preset: str,
+                  mean: str | None, std: str | None, labels_path: Path | None, min_agree: float | None,
+                  min_sqnr: float | None, as_json: bool):
+    """Run a float model and its quantized version on the same inputs and compare them: argmax
+    agreement, top-1 where labels are known, cosine similarity, SQNR, max error, latency."""
+    try:
+        float_model, quant_model = _load(float_path), _load(quant_path)
+        reader = _reader(float_model, data, count, preset, mean, std)
+        labels = _labels(reader, labels_path)
+        report = compare(float_model, quant_model, reader, labels=labels, count=count)
+    except BitsplitError as exc:
+        raise CommandError(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo(report.to_json() if as_json else report.table())
+    failures = report.failures(min_agree=min_agree, min_sqnr=min_sqnr)
+    for failure in failures:
+        click.echo(f"FAILED: {failure}", err=True)
+    if failures:
+        sys.exit(EXIT_GATE)
+
+
+def _labels(reader, labels_path: Path | None) -> list[int] | None:
+    if labels_path is None:
+        return labels_from_names(reader.paths) if isinstance(reader, ImageFolderReader) else None
+    if not labels_path.is_file():
+        raise CalibrationError(f"labels file '{labels_path}' does not exist")
+    try:
+        return [int(line) for line in labels_path.read_text().split()]
+    except (UnicodeDecodeError, ValueError):
+        raise CalibrationError(f"labels file '{labels_path}' must hold one integer a line") from None
 
 
 def _int(text: str) -> int:
@@ -128,13 +195,16 @@ def _check_paths(input_path: Path, output_path: Path) -> None:
 
 
 def _load(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise ModelError(f"model '{path}' does not exist or is not a file")
     try:
         return onnx.load(str(path))
     except Exception as exc:
         raise ModelError(f"cannot read '{path}' as an ONNX model: {_first_line(exc)}") from None
 
 
-def _reader(model: onnx.ModelProto, calib: Path, count: int, preset: str, mean, std):
+def _reader(model: onnx.ModelProto, calib: Path, count: int | None, preset: str, mean: str | None,
+            std: str | None):
     """An NpyReader for array files, else an ImageFolderReader sized to the model's input."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -149,7 +219,7 @@ def _reader(model: onnx.ModelProto, calib: Path, count: int, preset: str, mean, 
                                "calibrate it with .npy/.npz files")
     preset_mean, preset_std = PRESETS[preset]
     return ImageFolderReader(calib, inputs[0].name, (dims[2].dim_value, dims[3].dim_value),
-                             mean=mean or preset_mean, std=std or preset_std, count=count)
+                             mean=_floats(mean) or preset_mean, std=_floats(std) or preset_std, count=count)
 
 
 def _quantize_with_progress(model, reader, config: QuantConfig, quiet: bool):

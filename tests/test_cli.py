@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from graphs import calibration_feeds, conv_model, image_model
-from onnx_bitsplit.cli import main
+from onnx_bitsplit.cli import quantize_command as main
 
 
 @pytest.fixture

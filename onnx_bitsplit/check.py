@@ -1,0 +1,141 @@
+"""Runtime accuracy check: a float model and its quantized version on the same inputs.
+
+For every output: argmax agreement, top-1 accuracy where labels are known, cosine similarity,
+SQNR = 10 log10(||y||² / ||y - y_q||²) in dB, and the largest absolute error; plus each model's
+median onnxruntime latency per batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .calibration import as_feeds, batch_feeds, input_shapes
+from .errors import ModelError
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """One output of the two models over all samples.
+
+    Attributes:
+        name: the output's name.
+        agreement: fraction of samples whose argmax (over the last axis) is the same.
+        top1_float, top1_quant: accuracy against the labels, or None without labels.
+        cosine: cosine similarity of the flattened outputs, averaged over samples.
+        sqnr_db: signal-to-quantization-noise ratio over all values (inf when identical).
+        max_abs_error: the largest |y - y_q|.
+    """
+
+    name: str
+    agreement: float
+    top1_float: float | None
+    top1_quant: float | None
+    cosine: float
+    sqnr_db: float
+    max_abs_error: float
+
+
+@dataclass
+class CheckReport:
+    """The comparison of two models on one data set."""
+
+    samples: int
+    outputs: list[OutputComparison] = field(default_factory=list)
+    latency_ms_float: float = 0.0
+    latency_ms_quant: float = 0.0
+
+    def table(self) -> str:
+        """A readable table for people."""
+        lines = [f"{self.samples} samples; median latency per batch: float {self.latency_ms_float:.2f} ms, "
+                 f"quantized {self.latency_ms_quant:.2f} ms",
+                 f"{'output':<24} {'agree':>7} {'top-1 float':>11} {'top-1 quant':>11} {'cosine':>8} "
+                 f"{'SQNR dB':>8} {'max |err|':>10}"]
+        for o in self.outputs:
+            top1 = [f"{100 * v:10.1f}%" if v is not None else f"{'-':>11}" for v in (o.top1_float, o.top1_quant)]
+            lines.append(f"{o.name[:24]:<24} {100 * o.agreement:6.1f}% {top1[0]} {top1[1]} {o.cosine:8.4f} "
+                         f"{o.sqnr_db:8.2f} {o.max_abs_error:10.4g}")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def failures(self, *, min_agree: float | None = None, min_sqnr: float | None = None) -> list[str]:
+        """One line for each output below a gate."""
+        failed = []
+        for o in self.outputs:
+            if min_agree is not None and o.agreement < min_agree:
+                failed.append(f"output '{o.name}': agreement {o.agreement:.4f} < {min_agree}")
+            if min_sqnr is not None and o.sqnr_db < min_sqnr:
+                failed.append(f"output '{o.name}': SQNR {o.sqnr_db:.2f} dB < {min_sqnr} dB")
+        return failed
+
+
+def compare(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, feeds, *,
+            labels: list[int] | None = None, batch_size: int = 16, count: int | None = None) -> CheckReport:
+    """Run both models on the same feeds and compare their outputs.
+
+    Args:
+        float_model, quant_model: models with the same inputs and outputs.
+        feeds: a CalibrationDataReader or an iterable of {input_name: ndarray}.
+        labels: the class of each sample, in order, for top-1 accuracy.
+        batch_size: samples run at once where the batch axis is dynamic.
+        count: use at most this many samples. Defaults to all.
+    """
+    shapes = input_shapes(float_model)
+    if input_shapes(quant_model).keys() != shapes.keys():
+        raise ModelError("the two models have different inputs")
+    batches = batch_feeds(as_feeds(feeds), shapes, batch_size=batch_size, count=count or 2**62)
+    float_run, float_ms = _run(float_model, batches)
+    quant_run, quant_ms = _run(quant_model, batches)
+    if [name for name, _ in float_run] != [name for name, _ in quant_run]:
+        raise ModelError("the two models have different outputs")
+    samples = sum(next(iter(b.values())).shape[0] for b in batches)
+    if labels is not None and len(labels) < samples:
+        raise ModelError(f"{len(labels)} labels for {samples} samples")
+    report = CheckReport(samples, latency_ms_float=float_ms, latency_ms_quant=quant_ms)
+    for (name, y), (_, y_q) in zip(float_run, quant_run):
+        report.outputs.append(compare_output(name, y, y_q, None if labels is None else np.asarray(labels[:samples])))
+    return report
+
+
+def compare_output(name: str, y: np.ndarray, y_q: np.ndarray, labels: np.ndarray | None) -> OutputComparison:
+    """The figures of one output; y and y_q are (samples, ...) arrays."""
+    y, y_q = y.astype(np.float64), y_q.astype(np.float64)
+    flat, flat_q = y.reshape(len(y), -1), y_q.reshape(len(y_q), -1)
+    noise = ((y - y_q) ** 2).sum()
+    norms = np.linalg.norm(flat, axis=1) * np.linalg.norm(flat_q, axis=1)
+    cosine = np.where(norms > 0, (flat * flat_q).sum(1) / np.maximum(norms, 1e-300), 1.0)
+    predicted, predicted_q = y.argmax(-1), y_q.argmax(-1)
+    with_labels = labels is not None and predicted.ndim == 1
+    return OutputComparison(
+        name=name,
+        agreement=float((predicted == predicted_q).mean()),
+        top1_float=float((predicted == labels).mean()) if with_labels else None,
+        top1_quant=float((predicted_q == labels).mean()) if with_labels else None,
+        cosine=float(cosine.mean()),
+        sqnr_db=float(10 * np.log10((y ** 2).sum() / noise)) if noise > 0 else float("inf"),
+        max_abs_error=float(np.abs(y - y_q).max()),
+    )
+
+
+def _run(model: onnx.ModelProto, batches: list[dict]) -> tuple[list[tuple[str, np.ndarray]], float]:
+    """All outputs over all batches, and the median seconds per batch in milliseconds."""
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+    names = [o.name for o in session.get_outputs()]
+    session.run(names, batches[0])  # warm-up, not timed
+    results, seconds = [], []
+    for batch in batches:
+        start = time.perf_counter()
+        results.append(session.run(names, batch))
+        seconds.append(time.perf_counter() - start)
+    outputs = [(name, np.concatenate([r[i] for r in results])) for i, name in enumerate(names)]
+    return outputs, 1000 * float(np.median(seconds))

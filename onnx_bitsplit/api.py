@@ -17,7 +17,7 @@ from .errors import ModelError
 from .graph import LayerSpec, find_layers, is_non_negative, prepare
 from .qdq import ActivationQuant, WeightQuant, write_qdq
 from .report import LayerReport, Report
-from .solver import BitSplitSolver
+from .solver import BitSplitSolver, LayerSolution
 
 PATCH_ELEMENTS = 1 << 22  # patch values built at once per stream: 16 MiB, small enough that
 # malloc reuses the buffer instead of mapping (and page-faulting) fresh memory each time
@@ -49,24 +49,32 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
         batches = batch_feeds(as_feeds(calibration), input_shapes(prepared),
                               batch_size=config.batch_size, count=config.calib_count)
         report.calibration_samples = sum(next(iter(b.values())).shape[0] for b in batches)
+    with _phase(report, "capture"):
         streams = NetworkStreams(prepared, layers, batches, compensate=config.error_compensation)
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in prepared.graph.initializer}
     activations: dict[str, ActivationQuant] = {}
     solved = []
-    with _phase(report, "layers"):
-        for index, layer in enumerate(layers):
-            start = time.perf_counter()
+    for index, layer in enumerate(layers):
+        start = time.perf_counter()
+        with _phase(report, "activation scales"):
             if layer.input_name not in activations:
                 activations[layer.input_name] = _quantize_input(prepared, streams, index, config)
-            bits = layer_bits(config, layers, index)
-            weight_quant, solution = _solve_layer(layer, streams, index, weights, bits, config)
-            solved.append(weight_quant)
-            groups, rows, inputs = solution.q.shape
-            report.layers.append(LayerReport(
-                layer.name, layer.op, bits, (groups * rows, inputs, groups),
-                solution.rel_error, solution.rtn_rel_error, time.perf_counter() - start))
-            if progress:
-                progress(index + 1, len(layers), layer.name)
+        with _phase(report, "statistics"):
+            solver = _accumulate(layer, streams, index, weights[layer.weight_name])
+        bits = layer_bits(config, layers, index)
+        with _phase(report, "solve"):
+            solution = solver.solve(bits, iterations=config.iterations, damping=config.damping)
+        weight_quant, float_params, quant_params = _layer_quant(layer, solution, weights, bits, config)
+        with _phase(report, "capture"):
+            if index + 1 < len(layers):
+                streams.advance(index, float_params=float_params, quant_params=quant_params)
+        solved.append(weight_quant)
+        groups, rows, inputs = solution.q.shape
+        report.layers.append(LayerReport(
+            layer.name, layer.op, bits, (groups * rows, inputs, groups),
+            solution.rel_error, solution.rtn_rel_error, time.perf_counter() - start))
+        if progress:
+            progress(index + 1, len(layers), layer.name)
     report.activations = len(activations)
     with _phase(report, "write"):
         quantized = write_qdq(prepared, solved, list(activations.values()))
@@ -95,10 +103,8 @@ def _quantize_input(model, streams: NetworkStreams, index: int, config: QuantCon
     return ActivationQuant(name, scale, signed)
 
 
-def _solve_layer(layer: LayerSpec, streams: NetworkStreams, index: int, weights: dict,
-                 bits: int, config: QuantConfig):
-    """Accumulate the layer's statistics over all batches, solve, and advance both streams."""
-    W = weights[layer.weight_name]
+def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.ndarray) -> BitSplitSolver:
+    """A solver holding the layer's statistics over all calibration batches."""
     solver = BitSplitSolver(layer.weight_matrix(W))
     x_tilde, x = streams.layer_inputs(index)
     compensate = x_tilde is not x
@@ -106,21 +112,22 @@ def _solve_layer(layer: LayerSpec, streams: NetworkStreams, index: int, weights:
         for rows in _row_chunks(xt_batch, layer):
             solver.add_batch(layer.patches(xt_batch[rows]),
                              layer.patches(x_batch[rows]) if compensate else None)
-    solution = solver.solve(bits, iterations=config.iterations, damping=config.damping)
-    scale = solution.alpha.reshape(-1)
-    q = layer.stored_weight(solution.q)
-    float_params = {layer.weight_name: W}
+    return solver
+
+
+def _layer_quant(layer: LayerSpec, solution: LayerSolution, weights: dict, bits: int, config: QuantConfig):
+    """The layer's QDQ plan entry and its parameters in the float and the quantized network."""
+    float_params = {layer.weight_name: weights[layer.weight_name]}
     quant_params = {layer.weight_name: layer.stored_weight(solution.dequantized())}
     bias = None
     if layer.bias_name:
-        float_params[layer.bias_name] = weights[layer.bias_name]
         bias = weights[layer.bias_name]
+        float_params[layer.bias_name] = bias
         if config.bias_correction:
-            bias = bias + layer.bias_gain * solution.bias_shift.reshape(-1)
-        quant_params[layer.bias_name] = bias.astype(np.float32)
-    if index + 1 < len(streams.layers):
-        streams.advance(index, float_params=float_params, quant_params=quant_params)
-    return WeightQuant(layer, bits, q, scale, bias), solution
+            bias = (bias + layer.bias_gain * solution.bias_shift.reshape(-1)).astype(np.float32)
+        quant_params[layer.bias_name] = bias
+    weight_quant = WeightQuant(layer, bits, layer.stored_weight(solution.q), solution.alpha.reshape(-1), bias)
+    return weight_quant, float_params, quant_params
 
 
 def _row_chunks(batch: np.ndarray, layer: LayerSpec) -> list[slice]:

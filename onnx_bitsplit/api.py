@@ -11,7 +11,7 @@ import onnx
 
 from .act_scale import fake_quant, mse_scale, sample_values
 from .calibration import as_feeds, batch_feeds, input_shapes
-from .capture import NetworkStreams
+from .capture import NetworkStreams, make_session
 from .config import QuantConfig
 from .errors import ModelError
 from .graph import LayerSpec, find_layers, is_non_negative, prepare
@@ -78,6 +78,10 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
     report.activations = len(activations)
     with _phase(report, "write"):
         quantized = write_qdq(prepared, solved, list(activations.values()))
+        try:  # the promise is a model onnxruntime runs: keep it even for odd inputs
+            make_session(quantized)
+        except Exception as exc:
+            raise ModelError(f"the quantized model does not load in onnxruntime: {str(exc).strip()[:300]}") from None
     report.float_bytes, report.quant_bytes = model.ByteSize(), quantized.ByteSize()
     return quantized, report
 

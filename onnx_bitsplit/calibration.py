@@ -171,33 +171,41 @@ def labels_from_names(paths: list[Path]) -> list[int] | None:
 
 def batch_feeds(feeds: Iterable[dict[str, np.ndarray]], shapes: dict[str, list], *,
                 batch_size: int, count: int) -> list[dict[str, np.ndarray]]:
-    """At most `count` samples, checked against the model's inputs and concatenated into batches
-    of `batch_size` where the batch axis is dynamic.
+    """At most `count` samples, checked against the model's inputs and regrouped into batches:
+    `batch_size` rows where the batch axis is dynamic, else the model's fixed batch.
 
     Args:
         shapes: input name -> shape, None for a dynamic dimension (input_shapes()).
     """
-    dynamic_batch = all(shape and not isinstance(shape[0], int) for shape in shapes.values())
-    batches, pending, pending_rows, total = [], [], 0, 0
+    fixed = {shape[0] for shape in shapes.values() if shape and isinstance(shape[0], int)}
+    rows_per_batch = min(fixed) if fixed else batch_size
+    count = max(count - count % rows_per_batch, rows_per_batch) if fixed else count
+    batches, pending, total = [], [], 0
     for feed in feeds:
-        feed = _checked_feed(feed, shapes)
-        rows = next(iter(feed.values())).shape[0]
+        feed = _checked_feed(feed, shapes, rows_per_batch if fixed else None)
         pending.append(feed)
-        pending_rows += rows
-        total += rows
-        if not dynamic_batch or pending_rows >= batch_size:
-            batches.append(_concatenate(pending))
-            pending, pending_rows = [], 0
+        total += _rows(feed)
+        while sum(map(_rows, pending)) >= rows_per_batch:
+            batch = _concatenate(pending)
+            batches.append({name: value[:rows_per_batch] for name, value in batch.items()})
+            rest = {name: value[rows_per_batch:] for name, value in batch.items()}
+            pending = [rest] if _rows(rest) else []
         if total >= count:
             break
     if pending:
         batches.append(_concatenate(pending))
     if not batches:
         raise CalibrationError("the calibration data is empty")
-    return _trim(batches, count) if dynamic_batch else batches
+    return _trim(batches, count)
 
 
-def _checked_feed(feed, shapes) -> dict[str, np.ndarray]:
+def _rows(feed: dict[str, np.ndarray]) -> int:
+    return next(iter(feed.values())).shape[0]
+
+
+def _checked_feed(feed, shapes, fixed_batch: int | None) -> dict[str, np.ndarray]:
+    """The feed's arrays, checked: every input present, every fixed dimension matching (a fixed
+    batch may come as any multiple of itself), the same number of rows in every input."""
     if not isinstance(feed, dict):
         raise CalibrationError(f"a calibration feed must be a dict of arrays, got {type(feed).__name__}")
     missing = [name for name in shapes if name not in feed]
@@ -206,12 +214,17 @@ def _checked_feed(feed, shapes) -> dict[str, np.ndarray]:
     checked = {}
     for name, shape in shapes.items():
         value = np.asarray(feed[name])
-        if value.ndim != len(shape) or any(
-                isinstance(want, int) and want != got for want, got in zip(shape, value.shape)):
+        expected = [d if isinstance(d, int) else "?" for d in shape]
+        dims_match = value.ndim == len(shape) and value.ndim > 0 and all(
+            not isinstance(want, int) or want == got for want, got in list(zip(shape, value.shape))[1:])
+        batch_fits = value.ndim > 0 and value.shape[0] > 0 and (
+            fixed_batch is None or value.shape[0] % fixed_batch == 0)
+        if not (dims_match and batch_fits):
             raise CalibrationError(
-                f"input '{name}': calibration array has shape {list(value.shape)}, "
-                f"the model expects {[d if isinstance(d, int) else '?' for d in shape]}")
+                f"input '{name}': calibration array has shape {list(value.shape)}, the model expects {expected}")
         checked[name] = value
+    if len({value.shape[0] for value in checked.values()}) > 1:
+        raise CalibrationError("a calibration feed has inputs with different numbers of samples")
     return checked
 
 
@@ -221,8 +234,7 @@ def _concatenate(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def _trim(batches: list[dict[str, np.ndarray]], count: int) -> list[dict[str, np.ndarray]]:
     """Drop rows past `count` from the last batch."""
-    total = sum(next(iter(b.values())).shape[0] for b in batches)
-    excess = total - count
+    excess = sum(map(_rows, batches)) - count
     if excess > 0:
         last = batches[-1]
         batches[-1] = {name: value[: value.shape[0] - excess] for name, value in last.items()}

@@ -87,10 +87,7 @@ class NetworkStreams:
     def _run(self, segment: Segment, cache: dict[str, Batches], params: dict[str, np.ndarray]) -> None:
         if not segment.outputs:
             return
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(segment.model.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = make_session(segment.model)
         feeds_per_batch = [
             {**{name: cache[name][i] for name in segment.inputs}, **params}
             for i in range(len(next(iter(cache.values()))))
@@ -98,6 +95,13 @@ class NetworkStreams:
         results = [session.run(segment.outputs, feeds) for feeds in feeds_per_batch]
         for position, name in enumerate(segment.outputs):
             cache[name] = [result[position] for result in results]
+
+
+def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A CPU session that reports failures by exception only, not on the user's terminal."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # fatal only
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _last_uses(model: onnx.ModelProto) -> dict[str, int]:

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .calibration import as_feeds, batch_feeds, input_shapes
+from .capture import make_session
 from .errors import ModelError
 
 
@@ -127,7 +127,7 @@ def compare_output(name: str, y: np.ndarray, y_q: np.ndarray, labels: np.ndarray
 def _run(model: onnx.ModelProto, batches: list[dict]) -> tuple[list[tuple[str, np.ndarray]], float]:
     """All outputs over all batches, and the median seconds per batch in milliseconds."""
     try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = make_session(model)
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
     names = [o.name for o in session.get_outputs()]

@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -19,6 +20,7 @@ from .calibration import ARRAY_SUFFIXES, PRESETS, ImageFolderReader, NpyReader, 
 from .check import compare
 from .config import QuantConfig
 from .errors import BitsplitError, CalibrationError, ModelError
+from .modelio import load_model, save_model, write_text_atomic
 
 EXIT_ERROR = 1
 EXIT_GATE = 3  # check: the quantized model is below a --min-* gate
@@ -27,9 +29,33 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class CommandError(click.ClickException):
-    """Printed as one line, `Error: ...`, with exit code 1."""
+    """Printed as one line, `Error: ...`, with exit code 1; text from a model (names with line
+    breaks or control characters) cannot break the line."""
 
     exit_code = EXIT_ERROR
+
+    def __init__(self, message: str):
+        super().__init__("".join(c if c.isprintable() else "?" for c in " ".join(message.split())))
+
+
+@contextmanager
+def _one_line_errors():
+    """Every failure becomes one `Error: ...` line and a non-zero exit, never a traceback; numeric
+    warnings on odd input are not the user's business."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except click.ClickException:
+        raise
+    except BitsplitError as exc:
+        raise CommandError(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # a library failing on input nobody foresaw: still one line
+        lines = str(exc).strip().splitlines()
+        raise CommandError(f"{type(exc).__name__}: {lines[0] if lines else 'failed'}") from None
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -71,8 +97,8 @@ def image_options(command):
 
 
 @click.command(context_settings=CONTEXT, epilog="Compare the result with its float model: onnx-bitsplit check --help")
-@click.argument("input_path", metavar="IN.onnx", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("output_path", metavar="OUT.onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("input_path", metavar="IN.onnx", type=click.Path(path_type=Path))
+@click.argument("output_path", metavar="OUT.onnx", type=click.Path(path_type=Path))
 @click.option("--calib", "calib", required=True, type=click.Path(path_type=Path),
               help="Calibration data: a folder of images, or .npy/.npz input tensors (a file or folder).")
 @click.option("--calib-count", default=256, show_default=True, type=int,
@@ -94,15 +120,18 @@ def image_options(command):
               help="Ridge toward the float weights, as a fraction of the Gram matrix's mean diagonal.")
 @click.option("--batch-size", default=16, show_default=True, type=int,
               help="Calibration samples run at once.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write the per-layer figures to this JSON file.")
+@click.option("--external-data", is_flag=True,
+              help="Store the weights in OUT.onnx.data beside the output (automatic above 2 GiB).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_count: int, preset: str,
-         mean: str | None, std: str | None, wbits: int, abits: int, first_last_wbits: str,
-         layer_bits: tuple[str, ...], error_compensation: bool, bias_correction: bool,
-         iterations: int, damping: float, batch_size: int, report_path: Path | None, quiet: bool):
+                     mean: str | None, std: str | None, wbits: int, abits: int, first_last_wbits: str,
+                     layer_bits: tuple[str, ...], error_compensation: bool, bias_correction: bool,
+                     iterations: int, damping: float, batch_size: int, report_path: Path | None,
+                     external_data: bool, quiet: bool):
     """Quantize a float ONNX model to a low-bit QDQ model with Bit-Split and Stitching."""
-    try:
+    with _one_line_errors():
         config = QuantConfig(
             wbits=wbits, abits=abits,
             first_last_wbits=None if first_last_wbits == "same" else _int(first_last_wbits),
@@ -110,33 +139,26 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
             bias_correction=bias_correction, iterations=iterations, damping=damping,
             batch_size=batch_size, calib_count=calib_count)
         _check_paths(input_path, output_path)
-        model = _load(input_path)
+        model = load_model(input_path)
         reader = _reader(model, calib, calib_count, preset, mean, std)
         quantized, report = _quantize_with_progress(model, reader, config, quiet)
-        _save_atomic(quantized, output_path)
+        data_path = save_model(quantized, output_path, external_data=external_data or None)
         if report_path:
-            _write_atomic(report_path, report.to_json().encode())
-    except BitsplitError as exc:
-        raise CommandError(str(exc)) from None
-    except (MemoryError, OSError, RuntimeError, ValueError) as exc:  # onnx, onnxruntime, numpy
-        raise CommandError(f"{type(exc).__name__}: {_first_line(exc)}") from None
-    except KeyboardInterrupt:
-        click.echo("Error: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+            write_text_atomic(report_path, report.to_json())
     if not quiet:
         report.float_bytes, report.quant_bytes = input_path.stat().st_size, output_path.stat().st_size
         click.echo(report.summary(), err=True)
-        click.echo(f"wrote {output_path}", err=True)
+        click.echo(f"wrote {output_path}" + (f" and {data_path}" if data_path else ""), err=True)
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("float_path", metavar="FLOAT.onnx", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("quant_path", metavar="QUANT.onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("float_path", metavar="FLOAT.onnx", type=click.Path(path_type=Path))
+@click.argument("quant_path", metavar="QUANT.onnx", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Inputs: a folder of images, or .npy/.npz input tensors (a file or folder).")
 @click.option("--count", type=int, help="Use at most this many samples.  [default: all]")
 @image_options
-@click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--labels", "labels_path", type=click.Path(path_type=Path),
               help="Class of each sample, one integer a line in sample order. Without it, image names "
                    "that start with a class number (CCC_name.jpg) give the labels.")
 @click.option("--min-agree", type=float, help="Exit with 3 if argmax agreement is below this fraction.")
@@ -147,16 +169,11 @@ def check_command(float_path: Path, quant_path: Path, data: Path, count: int | N
                   min_sqnr: float | None, as_json: bool):
     """Run a float model and its quantized version on the same inputs and compare them: argmax
     agreement, top-1 where labels are known, cosine similarity, SQNR, max error, latency."""
-    try:
-        float_model, quant_model = _load(float_path), _load(quant_path)
+    with _one_line_errors():
+        float_model, quant_model = load_model(float_path), load_model(quant_path)
         reader = _reader(float_model, data, count, preset, mean, std)
         labels = _labels(reader, labels_path)
         report = compare(float_model, quant_model, reader, labels=labels, count=count)
-    except BitsplitError as exc:
-        raise CommandError(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo("Error: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
     click.echo(report.to_json() if as_json else report.table())
     failures = report.failures(min_agree=min_agree, min_sqnr=min_sqnr)
     for failure in failures:
@@ -184,23 +201,19 @@ def _int(text: str) -> int:
 
 
 def _check_paths(input_path: Path, output_path: Path) -> None:
+    """Fail before any work when the output could not be written or would replace the input."""
     if not input_path.is_file():
         raise ModelError(f"input model '{input_path}' does not exist or is not a file")
     if output_path.exists() and output_path.resolve() == input_path.resolve():
         raise BitsplitError("the output path is the input path; the input is never overwritten")
-    if not output_path.parent.resolve().is_dir():
-        raise BitsplitError(f"output folder '{output_path.parent}' does not exist")
-    if not os.access(output_path.parent.resolve(), os.W_OK):
-        raise BitsplitError(f"output folder '{output_path.parent}' is not writable")
-
-
-def _load(path: Path) -> onnx.ModelProto:
-    if not path.is_file():
-        raise ModelError(f"model '{path}' does not exist or is not a file")
+    folder = output_path.parent
+    if not folder.is_dir():
+        raise BitsplitError(f"output folder '{folder}' does not exist")
     try:
-        return onnx.load(str(path))
-    except Exception as exc:
-        raise ModelError(f"cannot read '{path}' as an ONNX model: {_first_line(exc)}") from None
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        raise BitsplitError(f"output folder '{folder}' is not writable") from None
 
 
 def _reader(model: onnx.ModelProto, calib: Path, count: int | None, preset: str, mean: str | None,
@@ -242,22 +255,3 @@ def _quantize_with_progress(model, reader, config: QuantConfig, quiet: bool):
             bar.__exit__(None, None, None)
 
 
-def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
-    _write_atomic(path, model.SerializeToString())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: the file is whole or absent."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent.resolve(), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -89,12 +89,13 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     if quantized:
         raise ModelError(f"the model is already quantized (it has {', '.join(quantized)} nodes)")
     model = _to_opset(model)
-    graph = gs.import_onnx(model)
-    _name_nodes(graph)
-    graph.fold_constants().cleanup().toposort()
-    _fold_batch_norms(graph)
-    _add_missing_biases(graph)
-    prepared = gs.export_onnx(graph)
+    with gs.logger.G_LOGGER.suppress():  # its findings reach the user as our errors, or not at all
+        graph = gs.import_onnx(model)
+        _name_nodes(graph)
+        graph.fold_constants().cleanup().toposort()
+        _fold_batch_norms(graph)
+        _add_missing_biases(graph)
+        prepared = gs.export_onnx(graph)
     prepared.ir_version = IR_VERSION
     try:
         return onnx.shape_inference.infer_shapes(prepared)
@@ -197,6 +198,8 @@ def _unquantizable(node, weight, initializers, uses) -> str | None:
         return "input is a constant"
     if weight.data_type != onnx.TensorProto.FLOAT:
         return "weight is not float32"
+    if not np.isfinite(onnx.numpy_helper.to_array(weight)).all():
+        return "weight has NaN or infinite values"
     if uses[weight.name] > 1:
         return "weight is shared with other nodes"
     if node.op_type == "Conv" and len(weight.dims) != 4:

@@ -47,15 +47,16 @@ def qdq_name(base: str, role: str) -> str:
 def write_qdq(model: onnx.ModelProto, weights: list[WeightQuant],
               activations: list[ActivationQuant]) -> onnx.ModelProto:
     """A copy of the prepared `model` with the quantizers inserted."""
-    graph = gs.import_onnx(model)
-    tensors = graph.tensors()
-    nodes = {node.name: node for node in graph.nodes}
-    for weight in weights:
-        _quantize_weight(graph, nodes[weight.layer.name], tensors, weight)
-    for activation in activations:
-        _quantize_activation(graph, tensors[activation.tensor_name], activation)
-    graph.cleanup().toposort()
-    quantized = gs.export_onnx(graph)
+    with gs.logger.G_LOGGER.suppress():
+        graph = gs.import_onnx(model)
+        tensors = graph.tensors()
+        nodes = {node.name: node for node in graph.nodes}
+        for weight in weights:
+            _quantize_weight(graph, nodes[weight.layer.name], weight)
+        for activation in activations:
+            _quantize_activation(graph, tensors[activation.tensor_name], activation)
+        graph.cleanup().toposort()
+        quantized = gs.export_onnx(graph)
     quantized.ir_version = IR_VERSION
     return quantized
 
@@ -65,7 +66,7 @@ def _integer_constant(name: str, values: np.ndarray, bits: int) -> gs.Constant:
     return gs.Constant(name, LazyValues(numpy_helper.from_array(values.astype(dtype), name)))
 
 
-def _quantize_weight(graph: gs.Graph, node: gs.Node, tensors: dict, weight: WeightQuant) -> None:
+def _quantize_weight(graph: gs.Graph, node: gs.Node, weight: WeightQuant) -> None:
     layer = weight.layer
     name = layer.weight_name
     dequantized = gs.Variable(qdq_name(name, "dequantized"), np.float32, layer.weight_shape)

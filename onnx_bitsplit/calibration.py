@@ -183,6 +183,9 @@ def batch_feeds(feeds: Iterable[dict[str, np.ndarray]], shapes: dict[str, list],
     batches, pending, total = [], [], 0
     for feed in feeds:
         feed = _checked_feed(feed, shapes, rows_per_batch if fixed else None)
+        if pending and _sample_shapes(pending[0]) != _sample_shapes(feed):  # dynamic sizes: no stacking
+            batches.append(_concatenate(pending))
+            pending = []
         pending.append(feed)
         total += _rows(feed)
         while sum(map(_rows, pending)) >= rows_per_batch:
@@ -197,6 +200,10 @@ def batch_feeds(feeds: Iterable[dict[str, np.ndarray]], shapes: dict[str, list],
     if not batches:
         raise CalibrationError("the calibration data is empty")
     return _trim(batches, count)
+
+
+def _sample_shapes(feed: dict[str, np.ndarray]) -> list[tuple[int, ...]]:
+    return [value.shape[1:] for value in feed.values()]
 
 
 def _rows(feed: dict[str, np.ndarray]) -> int:

@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None):
 
 
 def image_options(command):
-    """--preset, --mean and --std, shared by both commands."""
+    """--preset, --mean, --std and --input-size, shared by both commands."""
+    command = click.option("--input-size", metavar="HxW",
+                           help="Image size for models whose input size is dynamic, e.g. 640x640.")(command)
     command = click.option("--std", help="Per-channel std in pixel units (overrides --preset), e.g. 58.4,57.1,57.4.")(command)
     command = click.option("--mean", help="Per-channel mean in pixel units (overrides --preset), e.g. 123.7,116.3,103.5.")(command)
     return click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tf", show_default=True,
@@ -126,7 +128,7 @@ def image_options(command):
               help="Store the weights in OUT.onnx.data beside the output (automatic above 2 GiB).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_count: int, preset: str,
-                     mean: str | None, std: str | None, wbits: int, abits: int, first_last_wbits: str,
+                     mean: str | None, std: str | None, input_size: str | None, wbits: int, abits: int, first_last_wbits: str,
                      layer_bits: tuple[str, ...], error_compensation: bool, bias_correction: bool,
                      iterations: int, damping: float, batch_size: int, report_path: Path | None,
                      external_data: bool, quiet: bool):
@@ -140,7 +142,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
             batch_size=batch_size, calib_count=calib_count)
         _check_paths(input_path, output_path)
         model = load_model(input_path)
-        reader = _reader(model, calib, calib_count, preset, mean, std)
+        reader = _reader(model, calib, calib_count, preset, mean, std, input_size)
         quantized, report = _quantize_with_progress(model, reader, config, quiet)
         data_path = save_model(quantized, output_path, external_data=external_data or None)
         if report_path:
@@ -165,13 +167,13 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
 @click.option("--min-sqnr", type=float, help="Exit with 3 if SQNR is below this many dB.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def check_command(float_path: Path, quant_path: Path, data: Path, count: int | None, preset: str,
-                  mean: str | None, std: str | None, labels_path: Path | None, min_agree: float | None,
+                  mean: str | None, std: str | None, input_size: str | None, labels_path: Path | None, min_agree: float | None,
                   min_sqnr: float | None, as_json: bool):
     """Run a float model and its quantized version on the same inputs and compare them: argmax
     agreement, top-1 where labels are known, cosine similarity, SQNR, max error, latency."""
     with _one_line_errors():
         float_model, quant_model = load_model(float_path), load_model(quant_path)
-        reader = _reader(float_model, data, count, preset, mean, std)
+        reader = _reader(float_model, data, count, preset, mean, std, input_size)
         labels = _labels(reader, labels_path)
         report = compare(float_model, quant_model, reader, labels=labels, count=count)
     click.echo(report.to_json() if as_json else report.table())
@@ -191,6 +193,13 @@ def _labels(reader, labels_path: Path | None) -> list[int] | None:
         return [int(line) for line in labels_path.read_text().split()]
     except (UnicodeDecodeError, ValueError):
         raise CalibrationError(f"labels file '{labels_path}' must hold one integer a line") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    height, _, width = text.lower().partition("x")
+    if not (height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+        raise click.BadParameter(f"expected HEIGHTxWIDTH such as 640x640, got '{text}'")
+    return int(height), int(width)
 
 
 def _int(text: str) -> int:
@@ -217,7 +226,7 @@ def _check_paths(input_path: Path, output_path: Path) -> None:
 
 
 def _reader(model: onnx.ModelProto, calib: Path, count: int | None, preset: str, mean: str | None,
-            std: str | None):
+            std: str | None, input_size: str | None):
     """An NpyReader for array files, else an ImageFolderReader sized to the model's input."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -227,11 +236,14 @@ def _reader(model: onnx.ModelProto, calib: Path, count: int | None, preset: str,
     if len(inputs) != 1:
         raise CalibrationError(f"the model has {len(inputs)} inputs; calibrate it with .npz files keyed by input name")
     dims = inputs[0].type.tensor_type.shape.dim
-    if len(dims) != 4 or not all(d.HasField("dim_value") for d in dims[2:]) or dims[1].dim_value != 3:
-        raise CalibrationError(f"input '{inputs[0].name}' is not a fixed-size 3-channel NCHW image; "
+    if len(dims) != 4 or dims[1].dim_value != 3:
+        raise CalibrationError(f"input '{inputs[0].name}' is not a 3-channel NCHW image; "
                                "calibrate it with .npy/.npz files")
+    size = _size(input_size) if input_size else (dims[2].dim_value, dims[3].dim_value)
+    if not all(size):
+        raise CalibrationError(f"input '{inputs[0].name}' has a dynamic size; give one with --input-size HxW")
     preset_mean, preset_std = PRESETS[preset]
-    return ImageFolderReader(calib, inputs[0].name, (dims[2].dim_value, dims[3].dim_value),
+    return ImageFolderReader(calib, inputs[0].name, size,
                              mean=_floats(mean) or preset_mean, std=_floats(std) or preset_std, count=count)
 
 

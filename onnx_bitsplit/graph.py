@@ -33,6 +33,7 @@ SIGN_PRESERVING_OPS = {
     "Transpose", "Identity", "Squeeze", "Unsqueeze", "Resize", "Upsample", "Slice", "Gather",
     "SpaceToDepth", "DepthToSpace",
 }
+FLOAT_LAYER_OPS = {"ConvTranspose", "LSTM", "GRU", "RNN", "Einsum"}  # weighted, reported as kept in float
 NON_NEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp", "Softplus"}
 
 
@@ -50,6 +51,7 @@ class LayerSpec:
         geometry: Conv attributes; None for Gemm and MatMul.
         bias_gain: output change per unit of W·x divided by the bias's own factor
             (Gemm alpha / beta, else 1), so a mean output error maps to a bias shift.
+        weight_index: the node input that holds the weight (0 for a constant-left MatMul).
     """
 
     name: str
@@ -61,6 +63,7 @@ class LayerSpec:
     axis: int
     geometry: ConvGeometry | None = None
     bias_gain: float = 1.0
+    weight_index: int = 1
 
     @property
     def groups(self) -> int:
@@ -79,8 +82,10 @@ class LayerSpec:
         return matrix[0].T if self.axis == 1 else matrix[0]
 
     def patches(self, x: np.ndarray) -> np.ndarray:
-        """Layer input -> (g, P, N) patches, so that outputs are patches @ Wᵀ per group."""
-        return conv_patches(x, self.geometry) if self.geometry else dense_patches(x)
+        """Layer input -> (..., g, P, N) patches, so that outputs are patches @ Wᵀ per group."""
+        if self.geometry:
+            return conv_patches(x if x.ndim == 4 else x[:, :, None, :], self.geometry)
+        return dense_patches(x.swapaxes(-1, -2) if self.weight_index == 0 else x)
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -171,7 +176,7 @@ def _add_missing_biases(graph: gs.Graph) -> None:
 
 def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[tuple[str, str]]]:
     """The quantizable layers of a prepared model in topological order, and the (name, reason)
-    of each Conv/Gemm/MatMul left in float."""
+    of each weighted layer left in float."""
     initializers = {t.name: t for t in model.graph.initializer}
     uses: dict[str, int] = {}
     for node in model.graph.node:
@@ -179,22 +184,34 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[tuple[str
             uses[name] = uses.get(name, 0) + 1
     layers, skipped = [], []
     for node in model.graph.node:
+        if node.op_type in FLOAT_LAYER_OPS:
+            skipped.append((node.name, f"{node.op_type} is kept in float"))
         if node.op_type not in ("Conv", "Gemm", "MatMul"):
             continue
-        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
-        reason = _unquantizable(node, weight, initializers, uses)
+        weight_index = _weight_index(node, initializers)
+        weight = initializers[node.input[weight_index]] if weight_index is not None else None
+        reason = _unquantizable(node, weight, weight_index, initializers, uses)
         if reason:
             skipped.append((node.name, reason))
             continue
-        layers.append(_layer_spec(node, weight, initializers))
+        layers.append(_layer_spec(node, weight, weight_index))
     return layers, skipped
 
 
-def _unquantizable(node, weight, initializers, uses) -> str | None:
+def _weight_index(node, initializers) -> int | None:
+    """Which input is the constant weight: 1, or 0 for a MatMul whose left side is constant."""
+    if len(node.input) > 1 and node.input[1] in initializers:
+        return 1
+    if node.op_type == "MatMul" and node.input[0] in initializers:
+        return 0
+    return None
+
+
+def _unquantizable(node, weight, weight_index, initializers, uses) -> str | None:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if weight is None:
         return "weight is not a constant"
-    if node.input[0] in initializers:
+    if node.input[1 - weight_index] in initializers:
         return "input is a constant"
     if weight.data_type != onnx.TensorProto.FLOAT:
         return "weight is not float32"
@@ -202,7 +219,7 @@ def _unquantizable(node, weight, initializers, uses) -> str | None:
         return "weight has NaN or infinite values"
     if uses[weight.name] > 1:
         return "weight is shared with other nodes"
-    if node.op_type == "Conv" and len(weight.dims) != 4:
+    if node.op_type == "Conv" and len(weight.dims) not in (3, 4):
         return f"Conv{len(weight.dims) - 2}d is kept in float"
     if node.op_type != "Conv" and len(weight.dims) != 2:
         return "weight is not 2-D"
@@ -213,25 +230,35 @@ def _unquantizable(node, weight, initializers, uses) -> str | None:
     return None
 
 
-def _layer_spec(node, weight, initializers) -> LayerSpec:
+def _layer_spec(node, weight, weight_index: int) -> LayerSpec:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     shape = tuple(weight.dims)
     bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if node.op_type == "Conv":
-        geometry = ConvGeometry(
-            kernel=tuple(shape[2:]),
-            strides=tuple(attrs.get("strides", (1, 1))),
-            dilations=tuple(attrs.get("dilations", (1, 1))),
-            pads=tuple(attrs.get("pads", (0, 0, 0, 0))),
-            auto_pad=attrs.get("auto_pad", b"NOTSET").decode(),
-            groups=attrs.get("group", 1),
-        )
-        return LayerSpec(node.name, "Conv", node.input[0], weight.name, bias_name, shape, 0, geometry)
+        return LayerSpec(node.name, "Conv", node.input[0], weight.name, bias_name, shape, 0,
+                         _conv_geometry(attrs, shape))
     if node.op_type == "Gemm":
         axis = 0 if attrs.get("transB", 0) else 1
         gain = attrs.get("alpha", 1.0) / attrs.get("beta", 1.0)
         return LayerSpec(node.name, "Gemm", node.input[0], weight.name, bias_name, shape, axis, None, gain)
-    return LayerSpec(node.name, "MatMul", node.input[0], weight.name, None, shape, 1)
+    # MatMul: x @ W has its outputs along W's axis 1; W @ x along W's axis 0
+    return LayerSpec(node.name, "MatMul", node.input[1 - weight_index], weight.name, None, shape,
+                     axis=weight_index, weight_index=weight_index)
+
+
+def _conv_geometry(attrs: dict, shape: tuple[int, ...]) -> ConvGeometry:
+    """Conv attributes as 2-D geometry; a Conv1d is a Conv2d of height 1."""
+    one_d = len(shape) == 3
+    lift = (lambda values, pad: (pad, *values)) if one_d else (lambda values, pad: tuple(values))
+    pads = attrs.get("pads", (0, 0) if one_d else (0, 0, 0, 0))
+    return ConvGeometry(
+        kernel=lift(shape[2:], 1),
+        strides=lift(attrs.get("strides", (1,) * (len(shape) - 2)), 1),
+        dilations=lift(attrs.get("dilations", (1,) * (len(shape) - 2)), 1),
+        pads=(0, pads[0], 0, pads[1]) if one_d else tuple(pads),
+        auto_pad=attrs.get("auto_pad", b"NOTSET").decode(),
+        groups=attrs.get("group", 1),
+    )
 
 
 def is_non_negative(model: onnx.ModelProto, tensor_name: str) -> bool:

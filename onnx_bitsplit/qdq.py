@@ -77,7 +77,7 @@ def _quantize_weight(graph: gs.Graph, node: gs.Node, weight: WeightQuant) -> Non
                 gs.Constant(qdq_name(name, "scale"), weight.scale.astype(np.float32)),
                 _integer_constant(qdq_name(name, "zero_point"), np.zeros_like(weight.scale), weight.bits)],
         outputs=[dequantized]))
-    node.inputs[1] = dequantized
+    node.inputs[layer.weight_index] = dequantized
     if weight.bias is not None and layer.bias_name:
         node.inputs[2] = gs.Constant(qdq_name(layer.bias_name, "corrected"), weight.bias.astype(np.float32))
     graph.cleanup().toposort()

@@ -119,3 +119,112 @@ def image_model(size: int = 16) -> onnx.ModelProto:
         helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2"),
     ]
     return _model(nodes, init, ["N", 3, size, size], ["N", 4, size, size])
+
+
+def _const(name, value):
+    return numpy_helper.from_array(np.asarray(value, np.float32), name)
+
+
+def mobile_model(opset: int = 11) -> onnx.ModelProto:
+    """
+        x [N,4,10,10] -> Conv 3x3 (4->8) -> HardSwish as x*HardSigmoid(x)
+          -> Conv 3x3 depthwise -> SiLU as x*Sigmoid(x) -> Resize x2 (nearest) -> a
+        a -> Conv 1x1 (8->8) -> Clip(0, 6) with min/max inputs -> b
+        Concat(a, b) -> BatchNormalization (after a Concat: stays, un-fused) -> Conv 1x1 (16->4)
+          -> ConvTranspose 2x2 stride 2 (kept in float) -> y [N,4,40,40]
+    Written at opset 11, as older exporters do.
+    """
+    rng = np.random.default_rng(0)
+    init = [
+        _const("w1", rng.normal(0, 0.3, (8, 4, 3, 3))), _const("b1", rng.normal(0, 0.1, 8)),
+        _const("w2", rng.normal(0, 0.3, (8, 1, 3, 3))), _const("b2", rng.normal(0, 0.1, 8)),
+        _const("w3", rng.normal(0, 0.3, (8, 8, 1, 1))), _const("b3", rng.normal(0, 0.1, 8)),
+        _const("w4", rng.normal(0, 0.3, (4, 16, 1, 1))), _const("b4", rng.normal(0, 0.1, 4)),
+        _const("wt", rng.normal(0, 0.3, (4, 4, 2, 2))),
+        _const("gamma", rng.uniform(0.5, 1.5, 16)), _const("beta", rng.normal(0, 0.1, 16)),
+        _const("mean", rng.normal(0, 0.1, 16)), _const("var", rng.uniform(0.5, 1.5, 16)),
+        _const("zero", 0.0), _const("six", 6.0), _const("roi", []), _const("scales", [1, 1, 2, 2]),
+    ]
+    nodes = [
+        helper.make_node("Conv", [INPUT, "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("HardSigmoid", ["c1"], ["hs"], name="hardsigmoid"),
+        helper.make_node("Mul", ["c1", "hs"], ["h1"], name="hardswish"),
+        helper.make_node("Conv", ["h1", "w2", "b2"], ["c2"], name="depthwise", pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Sigmoid", ["c2"], ["sg"], name="sigmoid"),
+        helper.make_node("Mul", ["c2", "sg"], ["s2"], name="silu"),
+        helper.make_node("Resize", ["s2", "roi", "scales"], ["a"], name="resize", mode="nearest"),
+        helper.make_node("Conv", ["a", "w3", "b3"], ["c3"], name="pointwise"),
+        helper.make_node("Clip", ["c3", "zero", "six"], ["b"], name="relu6"),
+        helper.make_node("Concat", ["a", "b"], ["cat"], name="concat", axis=1),
+        helper.make_node("BatchNormalization", ["cat", "gamma", "beta", "mean", "var"], ["bn"], name="bn"),
+        helper.make_node("Conv", ["bn", "w4", "b4"], ["c4"], name="project"),
+        helper.make_node("ConvTranspose", ["c4", "wt"], ["y"], name="upsample", strides=[2, 2]),
+    ]
+    graph = helper.make_graph(nodes, "mobile", [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", 4, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 40, 40])], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def conv1d_conv3d_model() -> onnx.ModelProto:
+    """
+        x [N,4,16] -> Conv1d k3 (4->8) -> Relu -> Conv1d k1 stride 2 (8->4) -> Flatten -> Gemm (32->6)
+        z [N,2,4,6,6] -> Conv3d k3 (2->2, kept in float) -> w
+    Two inputs and two outputs: calibration comes keyed by input name.
+    """
+    rng = np.random.default_rng(0)
+    init = [_const("w1", rng.normal(0, 0.3, (8, 4, 3))), _const("w2", rng.normal(0, 0.3, (4, 8, 1))),
+            _const("w3", rng.normal(0, 0.3, (6, 32))), _const("w4", rng.normal(0, 0.3, (2, 2, 3, 3, 3)))]
+    nodes = [
+        helper.make_node("Conv", [INPUT, "w1"], ["c1"], name="conv1d_a", pads=[1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv1d_b", strides=[2]),
+        helper.make_node("Flatten", ["c2"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w3"], ["y"], name="gemm", transB=1),
+        helper.make_node("Conv", ["z", "w4"], ["w"], name="conv3d", pads=[1, 1, 1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv1d_3d",
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", 4, 16]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 2, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, ["N", 2, 4, 6, 6])], init)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def matmul_left_model() -> onnx.ModelProto:
+    """
+        x [N,32,6] -> MatMul(W1 [24,32], x) -> Relu -> MatMul(W2 [16,24], .) -> y [N,16,6]
+    The constant on the left: outputs run along the weight's rows.
+    """
+    rng = np.random.default_rng(0)
+    init = {"w1": rng.normal(0, 0.3, (24, 32)), "w2": rng.normal(0, 0.3, (16, 24))}
+    nodes = [helper.make_node("MatMul", ["w1", INPUT], ["m1"], name="left1"),
+             helper.make_node("Relu", ["m1"], ["r1"], name="relu"),
+             helper.make_node("MatMul", ["w2", "r1"], ["y"], name="left2")]
+    return _model(nodes, init, ["N", 32, 6], ["N", 16, 6])
+
+
+def dynamic_size_model() -> onnx.ModelProto:
+    """conv_model() with dynamic height and width: x [N,8,H,W]."""
+    model = conv_model()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        dims = value.type.tensor_type.shape.dim
+        dims[2].dim_param, dims[3].dim_param = "H", "W"
+    return model
+
+
+def feeds_for(model: onnx.ModelProto, count: int, seed: int = 1, sizes=None) -> list[dict]:
+    """Random feeds of batch 1 for every input; dynamic dims take the next of `sizes` (cycled)."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for index in range(count):
+        feed = {}
+        for value in model.graph.input:
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+            size = sizes[index % len(sizes)] if sizes else 8
+            shape = [1] + [d if d is not None else size for d in dims[1:]]
+            feed[value.name] = rng.normal(0, 1, shape).astype(np.float32)
+        feeds.append(feed)
+    return feeds

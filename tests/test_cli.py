@@ -136,3 +136,18 @@ def test_missing_output_folder(tmp_path, model_path, npy_dir):
 def test_bad_bits(tmp_path, model_path, npy_dir):
     assert_one_line_error(invoke(model_path, tmp_path / "q.onnx", "--calib", npy_dir, "--wbits", "9"),
                           "wbits")
+
+
+def test_dynamic_size_images_need_input_size(tmp_path):
+    model = image_model()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        dims = value.type.tensor_type.shape.dim
+        dims[2].dim_param, dims[3].dim_param = "H", "W"
+    onnx.save(model, tmp_path / "dynamic.onnx")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(images / "a.png")
+    args = [tmp_path / "dynamic.onnx", tmp_path / "q.onnx", "--calib", images]
+    assert_one_line_error(invoke(*args), "--input-size")
+    result = invoke(*args, "--input-size", "24x32")
+    assert result.exit_code == 0, result.output

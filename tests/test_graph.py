@@ -73,8 +73,11 @@ def test_already_quantized_models_are_refused():
 
 
 def test_non_constant_weights_are_kept_in_float():
-    model = matmul_model()
-    model.graph.node[0].input[1] = INPUT  # x @ x-like: the 'weight' is an activation
-    model.graph.node[0].input[0] = "w1"
-    _, skipped = find_layers(prepare(onnx.shape_inference.infer_shapes(model)))
-    assert skipped == [("matmul1", "weight is not a constant")]
+    """
+        x [N,4,4] -> MatMul(x, x) -> y     (no constant side: nothing to quantize)
+    """
+    graph = helper.make_graph([helper.make_node("MatMul", [INPUT, INPUT], ["y"], name="square")], "g",
+                              [helper.make_tensor_value_info(INPUT, onnx.TensorProto.FLOAT, ["N", 4, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 4])])
+    layers, skipped = find_layers(prepare(helper.make_model(graph)))
+    assert layers == [] and skipped == [("square", "weight is not a constant")]

@@ -154,10 +154,11 @@ def as_feeds(calibration) -> Iterator[dict[str, np.ndarray]]:
 
 
 def input_shapes(model) -> dict[str, list]:
-    """The model's real inputs (initializers excluded): name -> shape, None for a dynamic dim."""
+    """The model's real inputs (initializers excluded): name -> shape, None for a dynamic dim
+    (a dim_param, or a dim_value of 0 or -1 as some exporters write)."""
     initializers = {t.name for t in model.graph.initializer}
     return {
-        i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+        i.name: [d.dim_value if d.dim_value > 0 else None for d in i.type.tensor_type.shape.dim]
         for i in model.graph.input if i.name not in initializers
     }
 

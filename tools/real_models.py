@@ -1,0 +1,73 @@
+"""Convert the OCR models shipped in the `rapidocr-onnxruntime` wheel and compare them with float.
+
+    pip install --no-deps rapidocr-onnxruntime    # the wheel carries the .onnx files
+    python tools/real_models.py [--images DIR] [--calib-count 32]
+
+The models are opset 11/12 PaddleOCR exports with un-fused BatchNormalization, HardSigmoid,
+ConvTranspose, Resize and Constant-node weights, and dynamic input sizes. Calibration and
+evaluation use natural images (default: ../shared/data/imagenet-sample-dev), first --calib-count
+for calibration, the next --eval-count for the comparison. Prints, per model and bit width, the
+conversion time and onnx_bitsplit.check figures (cosine, SQNR, argmax agreement over the last axis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import onnx
+
+from onnx_bitsplit import ImageFolderReader, QuantConfig, quantize
+from onnx_bitsplit.check import compare
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+# name: (file, input size, mean, std) with PaddleOCR's own preprocessing
+MODELS = {
+    "det": ("ch_PP-OCRv4_det_infer.onnx", (320, 320), (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (48, 192), (127.5,) * 3, (127.5,) * 3),
+}
+
+
+def models_folder() -> Path:
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("rapidocr-onnxruntime is not installed: pip install --no-deps rapidocr-onnxruntime")
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=Path, default=SHARED / "data" / "imagenet-sample-dev")
+    parser.add_argument("--calib-count", type=int, default=32)
+    parser.add_argument("--eval-count", type=int, default=32)
+    parser.add_argument("--models", default="det,cls")
+    parser.add_argument("--wbits", default="8,4")
+    args = parser.parse_args()
+    folder = models_folder()
+    print("| model | weights | layers (kept in float) | conversion s | cosine | SQNR dB | agreement % |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for name in args.models.split(","):
+        file, size, mean, std = MODELS[name]
+        model = onnx.load(folder / file)
+
+        def reader(skip, count):
+            r = ImageFolderReader(args.images, model.graph.input[0].name, size, mean=mean, std=std)
+            r.paths = r.paths[skip:skip + count]
+            return r
+
+        for wbits in map(int, args.wbits.split(",")):
+            start = time.perf_counter()
+            quantized, report = quantize(model, reader(0, args.calib_count),
+                                         QuantConfig(wbits=wbits, calib_count=args.calib_count, batch_size=8))
+            seconds = time.perf_counter() - start
+            result = compare(model, quantized, reader(args.calib_count, args.eval_count)).outputs[0]
+            print(f"| {name} | W{wbits} | {len(report.layers)} ({len(report.skipped)}) | {seconds:.0f} | "
+                  f"{result.cosine:.4f} | {result.sqnr_db:.1f} | {100 * result.agreement:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,8 @@
-"""Per-tensor activation scales: the MSE-optimal alternating iteration (numpy only)."""
+"""Per-tensor activation scales: the MSE-optimal alternating iteration (numpy only).
+
+Symmetric quantizers have zero point 0 (int8 for signed tensors, uint8 for non-negative ones);
+affine ones are uint8 with a zero point, for tensors that are mostly of one sign.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import numpy as np
 MAX_SAMPLES = 1 << 18  # values a scale is searched on (sample_values)
 GRID_POINTS = 21  # starting scales tried by mse_scale ...
 GRID_SAMPLES = 1 << 16  # ... each on this many of the values
+AFFINE_GRID_POINTS = 9  # shrinks of each end of [min, max] tried by mse_affine
 
 
 def quant_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -14,10 +19,12 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
 
 
-def fake_quant(x: np.ndarray, scale: float, bits: int, signed: bool) -> np.ndarray:
-    """DequantizeLinear(QuantizeLinear(x)) with zero point 0; rounding half to even, as ONNX."""
+def fake_quant(x: np.ndarray, scale: float, bits: int, signed: bool, zero_point: int = 0) -> np.ndarray:
+    """DequantizeLinear(QuantizeLinear(x)); rounding half to even, as ONNX."""
     low, high = quant_range(bits, signed)
-    return (np.clip(np.rint(x / np.float32(scale)), low, high) * np.float32(scale)).astype(np.float32)
+    scale = np.float32(scale)
+    q = np.clip(np.rint(x / scale) + zero_point, low, high)
+    return ((q - zero_point) * scale).astype(np.float32)
 
 
 def sample_values(batches: list[np.ndarray], limit: int = MAX_SAMPLES) -> np.ndarray:
@@ -57,6 +64,32 @@ def mse_scale(values: np.ndarray, bits: int, signed: bool, iterations: int = 30)
     return float(scale)
 
 
-def _error(x: np.ndarray, scale: float, low: int, high: int) -> float:
-    residual = x - np.clip(np.rint(x / scale), low, high) * scale
+def mse_affine(values: np.ndarray, bits: int, iterations: int = 30) -> tuple[float, int]:
+    """(scale, zero_point) of the uint8 affine quantizer minimising the MSE over the values.
+
+    The clipping range [lo, hi] (containing 0) is the best of a grid of shrinks of [min, max],
+    each end on its own; then the scale is refined by the alternating iteration at that zero point.
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    low, high = quant_range(bits, signed=False)
+    bottom, top = min(x.min(), 0.0), max(x.max(), 0.0)
+    if top == bottom:
+        return 1.0, 0
+    coarse = x[:: max(1, x.size // GRID_SAMPLES)]
+    shrinks = 2.0 ** -np.linspace(0.0, 4.0, AFFINE_GRID_POINTS)
+    candidates = [((top * b - bottom * a) / high, int(np.clip(np.rint(-bottom * a / ((top * b - bottom * a) / high)), low, high)))
+                  for a in shrinks for b in shrinks]
+    scale, zero_point = min(candidates, key=lambda c: _error(coarse, c[0], low, high, c[1]))
+    for _ in range(iterations):
+        q = np.clip(np.rint(x / scale) + zero_point, low, high) - zero_point
+        qq = q @ q
+        new_scale = (x @ q) / qq if qq > 0 else scale
+        if abs(new_scale - scale) <= 1e-7 * scale:
+            break
+        scale = new_scale
+    return float(scale), zero_point
+
+
+def _error(x: np.ndarray, scale: float, low: int, high: int, zero_point: int = 0) -> float:
+    residual = x - (np.clip(np.rint(x / scale) + zero_point, low, high) - zero_point) * scale
     return float(residual @ residual)

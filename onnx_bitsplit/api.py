@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import numpy as np
 import onnx
 
-from .act_scale import fake_quant, mse_scale, sample_values
+from .act_scale import fake_quant, mse_affine, mse_scale, sample_values
 from .calibration import as_feeds, batch_feeds, input_shapes
 from .capture import NetworkStreams, make_session
 from .config import QuantConfig
@@ -101,10 +101,15 @@ def _quantize_input(model, streams: NetworkStreams, index: int, config: QuantCon
     so every later layer sees what the deployed model computes."""
     name = streams.layers[index].input_name
     x_tilde, _ = streams.layer_inputs(index)
-    signed = not is_non_negative(model, name)
-    scale = mse_scale(sample_values(x_tilde), config.abits, signed)
-    streams.replace_quantized(name, [fake_quant(b, scale, config.abits, signed) for b in x_tilde])
-    return ActivationQuant(name, scale, signed)
+    values = sample_values(x_tilde)
+    signed, zero_point = not is_non_negative(model, name), 0
+    if signed and config.asymmetric_activations:
+        signed = False
+        scale, zero_point = mse_affine(values, config.abits)
+    else:
+        scale = mse_scale(values, config.abits, signed)
+    streams.replace_quantized(name, [fake_quant(b, scale, config.abits, signed, zero_point) for b in x_tilde])
+    return ActivationQuant(name, scale, signed, zero_point)
 
 
 def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.ndarray) -> BitSplitSolver:

@@ -27,7 +27,8 @@ class OutputComparison:
         name: the output's name.
         agreement: fraction of samples whose argmax (over the last axis) is the same.
         top1_float, top1_quant: accuracy against the labels, or None without labels.
-        cosine: cosine similarity of the flattened outputs, averaged over samples.
+        cosine: cosine similarity of the outputs, all samples flattened into one vector (a
+            per-sample average would be noise for outputs that are near zero on most samples).
         sqnr_db: signal-to-quantization-noise ratio over all values (inf when identical).
         max_abs_error: the largest |y - y_q|.
     """
@@ -107,10 +108,9 @@ def compare(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, feeds, *
 def compare_output(name: str, y: np.ndarray, y_q: np.ndarray, labels: np.ndarray | None) -> OutputComparison:
     """The figures of one output; y and y_q are (samples, ...) arrays."""
     y, y_q = y.astype(np.float64), y_q.astype(np.float64)
-    flat, flat_q = y.reshape(len(y), -1), y_q.reshape(len(y_q), -1)
     noise = ((y - y_q) ** 2).sum()
-    norms = np.linalg.norm(flat, axis=1) * np.linalg.norm(flat_q, axis=1)
-    cosine = np.where(norms > 0, (flat * flat_q).sum(1) / np.maximum(norms, 1e-300), 1.0)
+    norms = np.linalg.norm(y) * np.linalg.norm(y_q)
+    cosine = (y * y_q).sum() / norms if norms > 0 else float(noise == 0)
     predicted, predicted_q = y.argmax(-1), y_q.argmax(-1)
     with_labels = labels is not None and predicted.ndim == 1
     return OutputComparison(
@@ -118,7 +118,7 @@ def compare_output(name: str, y: np.ndarray, y_q: np.ndarray, labels: np.ndarray
         agreement=float((predicted == predicted_q).mean()),
         top1_float=float((predicted == labels).mean()) if with_labels else None,
         top1_quant=float((predicted_q == labels).mean()) if with_labels else None,
-        cosine=float(cosine.mean()),
+        cosine=float(cosine),
         sqnr_db=float(10 * np.log10((y ** 2).sum() / noise)) if noise > 0 else float("inf"),
         max_abs_error=float(np.abs(y - y_q).max()),
     )

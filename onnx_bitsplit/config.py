@@ -28,6 +28,8 @@ class QuantConfig:
         error_compensation: take the layer inputs from the partially quantized network and the
             target from the float one. Defaults to True.
         bias_correction: shift each bias by the mean output error of its layer. Defaults to True.
+        asymmetric_activations: quantize signed activations as uint8 with a zero point instead of
+            symmetric int8 (non-negative ones are uint8 either way). Defaults to False.
         iterations: at most this many alternations of scales and bit-plane sweeps; 0 keeps the
             round-to-nearest integers and scales of the initialisation. Defaults to 10.
         damping: ridge on the Gram matrices, as a fraction of their mean diagonal; it pulls the
@@ -43,6 +45,7 @@ class QuantConfig:
     layer_wbits: dict[str, int] = field(default_factory=dict)
     error_compensation: bool = True
     bias_correction: bool = True
+    asymmetric_activations: bool = False
     iterations: int = 10
     damping: float = 0.01
     batch_size: int = 16

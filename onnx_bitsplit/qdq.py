@@ -32,11 +32,12 @@ class WeightQuant:
 
 @dataclass(frozen=True)
 class ActivationQuant:
-    """A per-tensor activation quantizer with zero point 0: int8 if signed, else uint8."""
+    """A per-tensor activation quantizer: int8 if signed, else uint8 (with its zero point)."""
 
     tensor_name: str
     scale: float
     signed: bool
+    zero_point: int = 0
 
 
 def qdq_name(base: str, role: str) -> str:
@@ -86,7 +87,7 @@ def _quantize_weight(graph: gs.Graph, node: gs.Node, weight: WeightQuant) -> Non
 def _quantize_activation(graph: gs.Graph, tensor: gs.Variable, activation: ActivationQuant) -> None:
     readers = list(tensor.outputs)
     name = tensor.name
-    zero_point = np.zeros((), np.int8 if activation.signed else np.uint8)
+    zero_point = np.array(activation.zero_point, np.int8 if activation.signed else np.uint8)
     quantized = gs.Variable(qdq_name(name, "quantized"), zero_point.dtype)
     dequantized = gs.Variable(qdq_name(name, "dequantized"), np.float32, tensor.shape)
     scale = gs.Constant(qdq_name(name, "scale"), np.array(activation.scale, np.float32))

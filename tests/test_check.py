@@ -47,7 +47,7 @@ def test_output_figures_golden():
     output = compare_output("y", y, y_q, labels=np.array([0, 0]))
     assert output.agreement == 0.5
     assert (output.top1_float, output.top1_quant) == (0.5, 1.0)
-    assert output.cosine == pytest.approx(0.5)  # rows: cos 1 and cos 0
+    assert output.cosine == pytest.approx(1 / np.sqrt(5 * 2))  # <y, y_q> = 1, |y| = √5, |y_q| = √2
     assert output.sqnr_db == pytest.approx(10 * np.log10(5 / 5))
     assert output.max_abs_error == 2.0
 

@@ -5,9 +5,10 @@
 
 The models are opset 11/12 PaddleOCR exports with un-fused BatchNormalization, HardSigmoid,
 ConvTranspose, Resize and Constant-node weights, and dynamic input sizes. Calibration and
-evaluation use natural images (default: ../shared/data/imagenet-sample-dev), first --calib-count
-for calibration, the next --eval-count for the comparison. Prints, per model and bit width, the
-conversion time and onnx_bitsplit.check figures (cosine, SQNR, argmax agreement over the last axis).
+evaluation use synthetic text images (seeded: random words in random sizes, colours and places on
+light backgrounds), or --images DIR; the first --calib-count for calibration, the next
+--eval-count for the comparison. Prints, per model and bit width, the conversion time and
+onnx_bitsplit.check figures (cosine, SQNR, argmax agreement over the last axis).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
+from PIL import Image, ImageDraw, ImageFont
 
 from onnx_bitsplit import ImageFolderReader, QuantConfig, quantize
 from onnx_bitsplit.check import compare
@@ -38,15 +42,35 @@ def models_folder() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
+def text_images(folder: Path, count: int, size=(480, 640), seed: int = 0) -> Path:
+    """`count` synthetic document-like images: lines of random words on light backgrounds."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
+    for index in range(count):
+        background = tuple(int(v) for v in rng.integers(190, 256, 3))
+        image = Image.new("RGB", (size[1], size[0]), background)
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(3, 12))):
+            words = " ".join("".join(rng.choice(letters, rng.integers(2, 9))) for _ in range(rng.integers(1, 6)))
+            font = ImageFont.load_default(size=int(rng.integers(14, 48)))
+            position = (int(rng.integers(0, size[1] // 2)), int(rng.integers(0, size[0] - 20)))
+            draw.text(position, words, fill=tuple(int(v) for v in rng.integers(0, 90, 3)), font=font)
+        image.save(folder / f"{index:04d}.png")
+    return folder
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=Path, default=SHARED / "data" / "imagenet-sample-dev")
+    parser.add_argument("--images", type=Path, help="image folder  [default: synthetic text images]")
     parser.add_argument("--calib-count", type=int, default=32)
     parser.add_argument("--eval-count", type=int, default=32)
     parser.add_argument("--models", default="det,cls")
     parser.add_argument("--wbits", default="8,4")
+    parser.add_argument("--asymmetric-activations", action="store_true")
     args = parser.parse_args()
     folder = models_folder()
+    args.images = args.images or text_images(Path(tempfile.mkdtemp(prefix="text-")),
+                                             args.calib_count + args.eval_count)
     print("| model | weights | layers (kept in float) | conversion s | cosine | SQNR dB | agreement % |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
     for name in args.models.split(","):
@@ -61,7 +85,8 @@ def main() -> int:
         for wbits in map(int, args.wbits.split(",")):
             start = time.perf_counter()
             quantized, report = quantize(model, reader(0, args.calib_count),
-                                         QuantConfig(wbits=wbits, calib_count=args.calib_count, batch_size=8))
+                                         QuantConfig(wbits=wbits, calib_count=args.calib_count, batch_size=8,
+                                                     asymmetric_activations=args.asymmetric_activations))
             seconds = time.perf_counter() - start
             result = compare(model, quantized, reader(args.calib_count, args.eval_count)).outputs[0]
             print(f"| {name} | W{wbits} | {len(report.layers)} ({len(report.skipped)}) | {seconds:.0f} | "

@@ -116,6 +116,8 @@ def image_options(command):
               help="Solve each layer on inputs from the partially quantized network.")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="Shift each bias by the mean output error of its layer.")
+@click.option("--asymmetric-activations/--symmetric-activations", default=False, show_default=True,
+              help="Signed activations as uint8 with a zero point instead of symmetric int8.")
 @click.option("--iterations", default=10, show_default=True, type=int,
               help="Most alternations of scales and bit-plane sweeps per layer.")
 @click.option("--damping", default=0.01, show_default=True, type=float,
@@ -130,7 +132,7 @@ def image_options(command):
 def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_count: int, preset: str,
                      mean: str | None, std: str | None, input_size: str | None, wbits: int, abits: int, first_last_wbits: str,
                      layer_bits: tuple[str, ...], error_compensation: bool, bias_correction: bool,
-                     iterations: int, damping: float, batch_size: int, report_path: Path | None,
+                     asymmetric_activations: bool, iterations: int, damping: float, batch_size: int, report_path: Path | None,
                      external_data: bool, quiet: bool):
     """Quantize a float ONNX model to a low-bit QDQ model with Bit-Split and Stitching."""
     with _one_line_errors():
@@ -138,7 +140,8 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
             wbits=wbits, abits=abits,
             first_last_wbits=None if first_last_wbits == "same" else _int(first_last_wbits),
             layer_wbits=_layer_bits(layer_bits), error_compensation=error_compensation,
-            bias_correction=bias_correction, iterations=iterations, damping=damping,
+            bias_correction=bias_correction, asymmetric_activations=asymmetric_activations,
+            iterations=iterations, damping=damping,
             batch_size=batch_size, calib_count=calib_count)
         _check_paths(input_path, output_path)
         model = load_model(input_path)

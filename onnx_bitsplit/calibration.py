@@ -145,8 +145,11 @@ def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
 
 
 def as_feeds(calibration) -> Iterator[dict[str, np.ndarray]]:
-    """Feed dicts from a CalibrationDataReader (get_next until None) or any iterable of dicts."""
+    """Feed dicts from a CalibrationDataReader (get_next until None; rewound first where it can
+    be, so one reader serves several conversions) or any iterable of dicts."""
     if hasattr(calibration, "get_next"):
+        if callable(getattr(calibration, "rewind", None)):
+            calibration.rewind()
         return iter(calibration.get_next, None)
     if isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes, dict)):
         return iter(calibration)

@@ -10,10 +10,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from graphs import INPUT, _model, calibration_feeds, conv_model, image_model
-from onnx_bitsplit import quantize
+from graphs import INPUT, calibration_feeds, conv_model, image_model
 from onnx_bitsplit.cli import quantize_command
 from onnx_bitsplit.errors import ModelError
 from onnx_bitsplit.modelio import load_model, save_model
@@ -79,6 +78,18 @@ def test_npz_without_the_input_name(folder):
     np.savez(folder / "calib.npz", image=np.zeros((2, 8, 12, 12), np.float32))
     result = invoke(folder / "model.onnx", folder / "q.onnx", "--calib", folder / "calib.npz")
     assert_refused(result, "no array named x", folder, ["model.onnx", "calib.npy", "calib.npz"])
+
+
+def test_npz_of_the_wrong_shape(folder):
+    np.savez(folder / "calib.npz", x=np.zeros((2, 8, 5, 5), np.float32))
+    result = invoke(folder / "model.onnx", folder / "q.onnx", "--calib", folder / "calib.npz")
+    assert_refused(result, "shape", folder, ["model.onnx", "calib.npy", "calib.npz"])
+
+
+def test_missing_calibration_folder(folder):
+    onnx.save(image_model(), folder / "rgb.onnx")
+    result = invoke(folder / "rgb.onnx", folder / "q.onnx", "--calib", folder / "nowhere")
+    assert_refused(result, "does not exist", folder, ["model.onnx", "calib.npy", "rgb.onnx"])
 
 
 def test_calib_count_zero(folder):

@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from onnx_bitsplit import ImageFolderReader, QuantConfig, quantize
-from onnx_bitsplit.calibration import PRESETS, image_paths
+from onnx_bitsplit.calibration import PRESETS
 from onnx_bitsplit.graph import find_layers, prepare
 
 ROOT = Path(__file__).resolve().parents[1]

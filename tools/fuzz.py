@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper

@@ -42,6 +42,13 @@ def models_folder() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
+def subset_reader(images: Path, input_name: str, size, mean, std, skip: int, count: int) -> ImageFolderReader:
+    """A reader over `count` images of the folder from position `skip` on (sorted by name)."""
+    reader = ImageFolderReader(images, input_name, size, mean=mean, std=std)
+    reader.paths = reader.paths[skip:skip + count]
+    return reader
+
+
 def text_images(folder: Path, count: int, size=(480, 640), seed: int = 0) -> Path:
     """`count` synthetic document-like images: lines of random words on light backgrounds."""
     rng = np.random.default_rng(seed)
@@ -76,19 +83,16 @@ def main() -> int:
     for name in args.models.split(","):
         file, size, mean, std = MODELS[name]
         model = onnx.load(folder / file)
-
-        def reader(skip, count):
-            r = ImageFolderReader(args.images, model.graph.input[0].name, size, mean=mean, std=std)
-            r.paths = r.paths[skip:skip + count]
-            return r
-
+        calibration, evaluation = (
+            subset_reader(args.images, model.graph.input[0].name, size, mean, std, skip, count)
+            for skip, count in ((0, args.calib_count), (args.calib_count, args.eval_count)))
         for wbits in map(int, args.wbits.split(",")):
             start = time.perf_counter()
-            quantized, report = quantize(model, reader(0, args.calib_count),
+            quantized, report = quantize(model, calibration,
                                          QuantConfig(wbits=wbits, calib_count=args.calib_count, batch_size=8,
                                                      asymmetric_activations=args.asymmetric_activations))
             seconds = time.perf_counter() - start
-            result = compare(model, quantized, reader(args.calib_count, args.eval_count)).outputs[0]
+            result = compare(model, quantized, evaluation).outputs[0]
             print(f"| {name} | W{wbits} | {len(report.layers)} ({len(report.skipped)}) | {seconds:.0f} | "
                   f"{result.cosine:.4f} | {result.sqnr_db:.1f} | {100 * result.agreement:.1f} |", flush=True)
     return 0

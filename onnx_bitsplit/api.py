@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ PATCH_ELEMENTS = 1 << 22  # patch values built at once per stream: 16 MiB, small
 # malloc reuses the buffer instead of mapping (and page-faulting) fresh memory each time
 
 Progress = Callable[[int, int, str], None]
+DEPTHWISE = "@depthwise"  # the layer_wbits key that selects every depthwise Conv
 
 
 def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = None, *,
@@ -87,10 +89,14 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
 
 
 def layer_bits(config: QuantConfig, layers: list[LayerSpec], index: int) -> int:
-    """Weight bits of layers[index]: a per-name override, else first/last, else wbits."""
-    name = layers[index].name
-    if name in config.layer_wbits:
-        return config.layer_wbits[name]
+    """Weight bits of layers[index]: an override by name, pattern or '@depthwise', else first/last,
+    else wbits."""
+    layer = layers[index]
+    if layer.name in config.layer_wbits:
+        return config.layer_wbits[layer.name]
+    for pattern, bits in config.layer_wbits.items():
+        if fnmatch.fnmatchcase(layer.name, pattern) or pattern == DEPTHWISE and layer.is_depthwise:
+            return bits
     if config.first_last_wbits is not None and index in (0, len(layers) - 1):
         return config.first_last_wbits
     return config.wbits

@@ -75,7 +75,7 @@ def _layer_bits(pairs: tuple[str, ...]) -> dict[str, int]:
     for pair in pairs:
         name, _, value = pair.rpartition("=")
         if not name or not value.isdigit():
-            raise click.BadParameter(f"expected NODE_NAME=BITS, got '{pair}'")
+            raise click.BadParameter(f"expected PATTERN=BITS, got '{pair}'")
         bits[name] = int(value)
     return bits
 
@@ -110,8 +110,9 @@ def image_options(command):
 @click.option("--abits", default=8, show_default=True, type=int, help="Activation bits (per tensor).")
 @click.option("--first-last-wbits", default="8", show_default=True,
               help="Weight bits of the first and last layer; 'same' uses --wbits.")
-@click.option("--layer-bits", multiple=True, metavar="NODE=BITS",
-              help="Weight bits of one layer by node name; repeatable.")
+@click.option("--bits-per-layer", "layer_bits", multiple=True, metavar="PATTERN=BITS",
+              help="Weight bits of the layers whose node name matches PATTERN (a name, or fnmatch "
+                   "such as '*depthwise*'; '@depthwise' selects every depthwise Conv); repeatable.")
 @click.option("--error-compensation/--no-error-compensation", default=True, show_default=True,
               help="Solve each layer on inputs from the partially quantized network.")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,

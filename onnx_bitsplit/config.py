@@ -24,7 +24,9 @@ class QuantConfig:
         abits: activation bits (per tensor). Defaults to 8.
         first_last_wbits: weight bits of the first and last quantized layer; None keeps them at
             `wbits`. Defaults to 8 (the paper's setting).
-        layer_wbits: weight bits by node name, overriding everything above.
+        layer_wbits: weight bits by node name or fnmatch pattern ('*depthwise*'), or for every
+            depthwise Conv with the key '@depthwise'; overrides everything above. An exact name
+            wins over patterns; among patterns, the first that matches.
         error_compensation: take the layer inputs from the partially quantized network and the
             target from the float one. Defaults to True.
         bias_correction: shift each bias by the mean output error of its layer. Defaults to True.

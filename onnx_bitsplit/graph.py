@@ -69,6 +69,11 @@ class LayerSpec:
     def groups(self) -> int:
         return self.geometry.groups if self.geometry else 1
 
+    @property
+    def is_depthwise(self) -> bool:
+        """A grouped Conv with one output channel per group."""
+        return self.groups > 1 and self.weight_shape[0] == self.groups
+
     def weight_matrix(self, stored: np.ndarray) -> np.ndarray:
         """Stored weight -> W (g, M/g, N), rows in output-channel order."""
         if self.geometry:

@@ -82,6 +82,16 @@ def test_first_and_last_layer_bits_and_overrides():
     _, report = quantize(model, calibration_feeds(model, count=4),
                          QuantConfig(wbits=3, first_last_wbits=None, layer_wbits={"conv2": 5}))
     assert [layer.bits for layer in report.layers] == [3, 5, 3]
+    _, report = quantize(model, calibration_feeds(model, count=4),
+                         QuantConfig(wbits=3, layer_wbits={"conv*": 4, "conv3": 6}))
+    assert [layer.bits for layer in report.layers] == [4, 4, 6]  # the exact name wins
+
+
+def test_depthwise_selector():
+    model = conv_model(groups=16)
+    _, report = quantize(model, calibration_feeds(model, count=4),
+                         QuantConfig(wbits=3, first_last_wbits=None, layer_wbits={"@depthwise": 8}))
+    assert [layer.bits for layer in report.layers] == [3, 8, 3]
 
 
 def test_bit_split_beats_round_to_nearest_per_layer():

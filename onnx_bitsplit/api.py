@@ -62,7 +62,7 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
             if layer.input_name not in activations:
                 activations[layer.input_name] = _quantize_input(prepared, streams, index, config)
         with _phase(report, "statistics"):
-            solver = _accumulate(layer, streams, index, weights[layer.weight_name])
+            solver = _accumulate(layer, streams, index, weights[layer.weight_name], config.compensation_blend)
         bits = layer_bits(config, layers, index)
         with _phase(report, "solve"):
             solution = solver.solve(bits, iterations=config.iterations, damping=config.damping)
@@ -118,15 +118,19 @@ def _quantize_input(model, streams: NetworkStreams, index: int, config: QuantCon
     return ActivationQuant(name, scale, signed, zero_point)
 
 
-def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.ndarray) -> BitSplitSolver:
-    """A solver holding the layer's statistics over all calibration batches."""
+def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.ndarray,
+                blend: float) -> BitSplitSolver:
+    """A solver holding the layer's statistics over all calibration batches; X~ is the quantized
+    stream's input, blended with the float one by `blend`."""
     solver = BitSplitSolver(layer.weight_matrix(W))
     x_tilde, x = streams.layer_inputs(index)
     compensate = x_tilde is not x
     for xt_batch, x_batch in zip(x_tilde, x):
         for rows in _row_chunks(xt_batch, layer):
-            solver.add_batch(layer.patches(xt_batch[rows]),
-                             layer.patches(x_batch[rows]) if compensate else None)
+            xt_rows, x_rows = xt_batch[rows], x_batch[rows]
+            if compensate and blend < 1:
+                xt_rows = blend * xt_rows + (1 - blend) * x_rows
+            solver.add_batch(layer.patches(xt_rows), layer.patches(x_rows) if compensate else None)
     return solver
 
 

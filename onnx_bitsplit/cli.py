@@ -115,6 +115,8 @@ def image_options(command):
                    "such as '*depthwise*'; '@depthwise' selects every depthwise Conv); repeatable.")
 @click.option("--error-compensation/--no-error-compensation", default=True, show_default=True,
               help="Solve each layer on inputs from the partially quantized network.")
+@click.option("--compensation-blend", default=1.0, show_default=True, type=float,
+              help="Weight of the quantized network's inputs in error compensation (0 = float inputs).")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="Shift each bias by the mean output error of its layer.")
 @click.option("--asymmetric-activations/--symmetric-activations", default=False, show_default=True,
@@ -132,7 +134,8 @@ def image_options(command):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_count: int, preset: str,
                      mean: str | None, std: str | None, input_size: str | None, wbits: int, abits: int, first_last_wbits: str,
-                     layer_bits: tuple[str, ...], error_compensation: bool, bias_correction: bool,
+                     layer_bits: tuple[str, ...], error_compensation: bool, compensation_blend: float,
+                     bias_correction: bool,
                      asymmetric_activations: bool, iterations: int, damping: float, batch_size: int, report_path: Path | None,
                      external_data: bool, quiet: bool):
     """Quantize a float ONNX model to a low-bit QDQ model with Bit-Split and Stitching."""
@@ -141,6 +144,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
             wbits=wbits, abits=abits,
             first_last_wbits=None if first_last_wbits == "same" else _int(first_last_wbits),
             layer_wbits=_layer_bits(layer_bits), error_compensation=error_compensation,
+            compensation_blend=compensation_blend,
             bias_correction=bias_correction, asymmetric_activations=asymmetric_activations,
             iterations=iterations, damping=damping,
             batch_size=batch_size, calib_count=calib_count)

@@ -29,6 +29,9 @@ class QuantConfig:
             wins over patterns; among patterns, the first that matches.
         error_compensation: take the layer inputs from the partially quantized network and the
             target from the float one. Defaults to True.
+        compensation_blend: with error compensation, X~ = blend·(quantized-network input) +
+            (1 - blend)·(float input); below 1 it keeps the solve from fitting the calibration
+            set's particular quantization errors. Defaults to 1.0.
         bias_correction: shift each bias by the mean output error of its layer. Defaults to True.
         asymmetric_activations: quantize signed activations as uint8 with a zero point instead of
             symmetric int8 (non-negative ones are uint8 either way). Defaults to False.
@@ -46,6 +49,7 @@ class QuantConfig:
     first_last_wbits: int | None = 8
     layer_wbits: dict[str, int] = field(default_factory=dict)
     error_compensation: bool = True
+    compensation_blend: float = 1.0
     bias_correction: bool = True
     asymmetric_activations: bool = False
     iterations: int = 10
@@ -62,6 +66,8 @@ class QuantConfig:
             _check_bits(f"bits of layer '{name}'", bits)
         if self.iterations < 0:
             raise BitsplitError(f"iterations must be 0 or more, got {self.iterations}")
+        if not 0.0 <= self.compensation_blend <= 1.0:
+            raise BitsplitError(f"compensation_blend must be in [0, 1], got {self.compensation_blend}")
         if not 0.0 <= self.damping < 1.0:
             raise BitsplitError(f"damping must be in [0, 1), got {self.damping}")
         if self.batch_size < 1:

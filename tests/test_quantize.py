@@ -136,3 +136,21 @@ def test_bad_calibration_and_models_raise_one_line_errors():
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])]))
     with pytest.raises(ModelError, match="no Conv, Gemm or MatMul"):
         quantize(no_layers, [{"x": np.zeros((1, 4), np.float32)}])
+
+
+def test_blend_zero_is_solving_on_float_inputs():
+    """With compensation_blend=0 the solve sees only float inputs: the same weights as without
+    error compensation (one layer, so both streams read the same activation)."""
+    model = matmul_model()
+    del model.graph.node[2:]  # keep x -> MatMul -> Sigmoid
+    model.graph.output[0].name = "s1"
+    feeds = calibration_feeds(model, 8)
+    blended, _ = quantize(model, feeds, QuantConfig(wbits=3, compensation_blend=0.0, first_last_wbits=None))
+    plain, _ = quantize(model, feeds, QuantConfig(wbits=3, error_compensation=False, first_last_wbits=None))
+    for a, b in zip(blended.graph.initializer, plain.graph.initializer):
+        assert a.name == b.name
+        # same statistics up to float rounding (BLAS takes XᵀX and XᵀX~ by different routes)
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(a).astype(np.float64),
+                                   onnx.numpy_helper.to_array(b).astype(np.float64), rtol=1e-4)
+    with pytest.raises(Exception, match="compensation_blend"):
+        QuantConfig(compensation_blend=1.5)

@@ -46,6 +46,17 @@ def _ours(label: str, wbits: int, **options) -> Method:
 
 
 RTN = dict(iterations=0, error_compensation=False, bias_correction=False)
+# One technique changed at a time from the default (Bit-Split + error compensation), at W4 and W3.
+TECHNIQUES = {
+    "no-bias-correction": dict(bias_correction=False),
+    "blend0.5": dict(compensation_blend=0.5),
+    "damping0.1": dict(damping=0.1),
+    "damping0.001": dict(damping=0.001),
+    "asymmetric": dict(asymmetric_activations=True),
+    "depthwise8": dict(layer_wbits={"@depthwise": 8}),
+}
+ABLATIONS = {m.label: m for m in [_ours(f"ec-w{b}-{name}", b, **options)
+                                  for b in (4, 3) for name, options in TECHNIQUES.items()]}
 METHODS = {m.label: m for m in [
     Method("float"),
     Method("ort-minmax-w8", ort_bits=8),
@@ -65,7 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tf")
     parser.add_argument("--calib-count", type=int, default=256)
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated, from: {', '.join(METHODS)}")
+                        help=f"comma-separated, from: {', '.join(METHODS)}; or the ablations "
+                             f"{', '.join(ABLATIONS)}")
     parser.add_argument("--out", type=Path, default=Path("bench.md"))
     parser.add_argument("--keep", type=Path, help="keep the quantized models in this folder")
     args = parser.parse_args(argv)
@@ -89,7 +101,7 @@ def main(argv=None) -> int:
 
     rows = []
     for label in args.methods.split(","):
-        method = METHODS[label]
+        method = {**METHODS, **ABLATIONS}[label]
         path = args.model if label == "float" else workdir / f"{label}.onnx"
         seconds = 0.0 if label == "float" else convert(method, args.model, path, lambda: reader(args.calib_count))
         predictions = predict(path, input_name, x)

@@ -14,8 +14,9 @@ from .act_scale import fake_quant, mse_affine, mse_scale, sample_values
 from .calibration import as_feeds, batch_feeds, input_shapes
 from .capture import NetworkStreams, make_session
 from .config import QuantConfig
-from .errors import ModelError
+from .errors import BitsplitError, ModelError
 from .graph import LayerSpec, find_layers, is_non_negative, prepare
+from .mixed import LayerCost, allocate_bits, storage_bytes
 from .qdq import ActivationQuant, WeightQuant, write_qdq
 from .report import LayerReport, Report
 from .solver import BitSplitSolver, LayerSolution
@@ -25,6 +26,8 @@ PATCH_ELEMENTS = 1 << 22  # patch values built at once per stream: 16 MiB, small
 
 Progress = Callable[[int, int, str], None]
 DEPTHWISE = "@depthwise"  # the layer_wbits key that selects every depthwise Conv
+BUDGET_BITS = (4, 8)  # INT4 holds 2 to 4 bits at one cost, INT8 5 to 8: a byte budget picks from these
+SENSITIVITY_ITERATIONS = 3
 
 
 def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = None, *,
@@ -54,6 +57,12 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
     with _phase(report, "capture"):
         streams = NetworkStreams(prepared, layers, batches, compensate=config.error_compensation)
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in prepared.graph.initializer}
+    bits_of = [layer_bits(config, layers, index) for index in range(len(layers))]
+    sensitivity, reasons = [{}] * len(layers), [""] * len(layers)
+    if config.size_budget is not None:
+        with _phase(report, "sensitivity"):
+            sensitivity = _sensitivities(prepared, layers, batches, weights, config)
+            bits_of, reasons = _budget_bits(model, prepared, layers, weights, sensitivity, config)
     activations: dict[str, ActivationQuant] = {}
     solved = []
     for index, layer in enumerate(layers):
@@ -63,7 +72,7 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
                 activations[layer.input_name] = _quantize_input(prepared, streams, index, config)
         with _phase(report, "statistics"):
             solver = _accumulate(layer, streams, index, weights[layer.weight_name], config.compensation_blend)
-        bits = layer_bits(config, layers, index)
+        bits = bits_of[index]
         with _phase(report, "solve"):
             solution = solver.solve(bits, iterations=config.iterations, damping=config.damping)
         weight_quant, float_params, quant_params = _layer_quant(layer, solution, weights, bits, config)
@@ -74,7 +83,8 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
         groups, rows, inputs = solution.q.shape
         report.layers.append(LayerReport(
             layer.name, layer.op, bits, (groups * rows, inputs, groups),
-            solution.rel_error, solution.rtn_rel_error, time.perf_counter() - start))
+            solution.rel_error, solution.rtn_rel_error, time.perf_counter() - start,
+            sensitivity[index], reasons[index]))
         if progress:
             progress(index + 1, len(layers), layer.name)
     report.activations = len(activations)
@@ -91,12 +101,9 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
 def layer_bits(config: QuantConfig, layers: list[LayerSpec], index: int) -> int:
     """Weight bits of layers[index]: an override by name, pattern or '@depthwise', else first/last,
     else wbits."""
-    layer = layers[index]
-    if layer.name in config.layer_wbits:
-        return config.layer_wbits[layer.name]
-    for pattern, bits in config.layer_wbits.items():
-        if fnmatch.fnmatchcase(layer.name, pattern) or pattern == DEPTHWISE and layer.is_depthwise:
-            return bits
+    override = _override(config, layers[index])
+    if override is not None:
+        return override
     if config.first_last_wbits is not None and index in (0, len(layers) - 1):
         return config.first_last_wbits
     return config.wbits
@@ -116,6 +123,52 @@ def _quantize_input(model, streams: NetworkStreams, index: int, config: QuantCon
         scale = mse_scale(values, config.abits, signed)
     streams.replace_quantized(name, [fake_quant(b, scale, config.abits, signed, zero_point) for b in x_tilde])
     return ActivationQuant(name, scale, signed, zero_point)
+
+
+def _sensitivities(model, layers: list[LayerSpec], batches, weights: dict, config: QuantConfig) -> list[dict]:
+    """Each layer's relative output error at each bit width of BUDGET_BITS, solved on float
+    inputs (one float pass, a few iterations per solve)."""
+    streams = NetworkStreams(model, layers, batches, compensate=False)
+    errors = []
+    for index, layer in enumerate(layers):
+        solver = _accumulate(layer, streams, index, weights[layer.weight_name], blend=1.0)
+        errors.append({bits: solver.solve(bits, iterations=SENSITIVITY_ITERATIONS, damping=config.damping).rel_error
+                       for bits in BUDGET_BITS})
+        params = {name: weights[name] for name in (layer.weight_name, layer.bias_name) if name}
+        if index + 1 < len(layers):
+            streams.advance(index, float_params=params, quant_params=params)
+    return errors
+
+
+def _budget_bits(model: onnx.ModelProto, prepared: onnx.ModelProto, layers: list[LayerSpec], weights: dict,
+                 sensitivity: list[dict], config: QuantConfig) -> tuple[list[int], list[str]]:
+    """Bits per layer so the output is within config.size_budget of the float model's size;
+    layer_wbits overrides stay fixed. Everything but the weight storage is measured exactly by
+    writing the model once with placeholder 4-bit weights."""
+    costs, placeholders = [], []
+    for index, layer in enumerate(layers):
+        count, rows = weights[layer.weight_name].size, layer.weight_shape[layer.axis]
+        override = _override(config, layer)
+        costs.append(LayerCost(layer.name, count, rows, sensitivity[index] if override is None else {override: 0.0}))
+        bias = weights[layer.bias_name] if layer.bias_name else None
+        placeholders.append(WeightQuant(layer, 4, np.zeros(layer.weight_shape, np.int8), np.ones(rows, np.float32), bias))
+    activations = [ActivationQuant(name, 1.0, True) for name in dict.fromkeys(layer.input_name for layer in layers)]
+    overhead = write_qdq(prepared, placeholders, activations).ByteSize() - sum(
+        storage_bytes(cost.weights, cost.rows, 4) for cost in costs)
+    try:
+        return allocate_bits(costs, int(config.size_budget * model.ByteSize()) - overhead)
+    except ValueError as exc:
+        raise BitsplitError(f"size budget {config.size_budget}: {exc}") from None
+
+
+def _override(config: QuantConfig, layer: LayerSpec) -> int | None:
+    """layer_wbits for this layer: its exact name, else the first matching pattern or '@depthwise'."""
+    if layer.name in config.layer_wbits:
+        return config.layer_wbits[layer.name]
+    for pattern, bits in config.layer_wbits.items():
+        if fnmatch.fnmatchcase(layer.name, pattern) or pattern == DEPTHWISE and layer.is_depthwise:
+            return bits
+    return None
 
 
 def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.ndarray,

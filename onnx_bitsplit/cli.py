@@ -113,6 +113,9 @@ def image_options(command):
 @click.option("--bits-per-layer", "layer_bits", multiple=True, metavar="PATTERN=BITS",
               help="Weight bits of the layers whose node name matches PATTERN (a name, or fnmatch "
                    "such as '*depthwise*'; '@depthwise' selects every depthwise Conv); repeatable.")
+@click.option("--size-budget", type=float,
+              help="Pick each layer's bits (4 or 8, by measured sensitivity) so the output is at most "
+                   "this fraction of the input's size, e.g. 0.18; overrides --wbits/--first-last-wbits.")
 @click.option("--error-compensation/--no-error-compensation", default=True, show_default=True,
               help="Solve each layer on inputs from the partially quantized network.")
 @click.option("--compensation-blend", default=1.0, show_default=True, type=float,
@@ -134,7 +137,7 @@ def image_options(command):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_count: int, preset: str,
                      mean: str | None, std: str | None, input_size: str | None, wbits: int, abits: int, first_last_wbits: str,
-                     layer_bits: tuple[str, ...], error_compensation: bool, compensation_blend: float,
+                     layer_bits: tuple[str, ...], size_budget: float | None, error_compensation: bool, compensation_blend: float,
                      bias_correction: bool,
                      asymmetric_activations: bool, iterations: int, damping: float, batch_size: int, report_path: Path | None,
                      external_data: bool, quiet: bool):
@@ -143,7 +146,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
         config = QuantConfig(
             wbits=wbits, abits=abits,
             first_last_wbits=None if first_last_wbits == "same" else _int(first_last_wbits),
-            layer_wbits=_layer_bits(layer_bits), error_compensation=error_compensation,
+            layer_wbits=_layer_bits(layer_bits), size_budget=size_budget, error_compensation=error_compensation,
             compensation_blend=compensation_blend,
             bias_correction=bias_correction, asymmetric_activations=asymmetric_activations,
             iterations=iterations, damping=damping,

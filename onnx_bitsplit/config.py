@@ -27,6 +27,9 @@ class QuantConfig:
         layer_wbits: weight bits by node name or fnmatch pattern ('*depthwise*'), or for every
             depthwise Conv with the key '@depthwise'; overrides everything above. An exact name
             wins over patterns; among patterns, the first that matches.
+        size_budget: choose each layer's bits (4 or 8, by measured sensitivity) so that the
+            output is at most this fraction of the float model's size; replaces wbits and
+            first_last_wbits, layer_wbits still apply. None: no budget. Defaults to None.
         error_compensation: take the layer inputs from the partially quantized network and the
             target from the float one. Defaults to True.
         compensation_blend: with error compensation, X~ = blend·(quantized-network input) +
@@ -48,6 +51,7 @@ class QuantConfig:
     abits: int = 8
     first_last_wbits: int | None = 8
     layer_wbits: dict[str, int] = field(default_factory=dict)
+    size_budget: float | None = None
     error_compensation: bool = True
     compensation_blend: float = 1.0
     bias_correction: bool = True
@@ -64,6 +68,8 @@ class QuantConfig:
             _check_bits("first_last_wbits", self.first_last_wbits)
         for name, bits in self.layer_wbits.items():
             _check_bits(f"bits of layer '{name}'", bits)
+        if self.size_budget is not None and not 0.0 < self.size_budget <= 1.0:
+            raise BitsplitError(f"size_budget must be a fraction in (0, 1], got {self.size_budget}")
         if self.iterations < 0:
             raise BitsplitError(f"iterations must be 0 or more, got {self.iterations}")
         if not 0.0 <= self.compensation_blend <= 1.0:

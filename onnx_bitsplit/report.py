@@ -17,6 +17,9 @@ class LayerReport:
         rel_error: response error ||Y - X~ Wqᵀ||² / ||Y||² on the calibration data after Bit-Split.
         rtn_rel_error: the same for round-to-nearest with the initial scales.
         seconds: time spent on this layer (capture, statistics, solve).
+        sensitivity: relative output error at each candidate bit width, on float inputs (measured
+            with a size budget).
+        reason: why the layer has its bits, where a size budget chose them.
     """
 
     name: str
@@ -26,6 +29,8 @@ class LayerReport:
     rel_error: float
     rtn_rel_error: float
     seconds: float
+    sensitivity: dict[int, float] = field(default_factory=dict)
+    reason: str = ""
 
 
 @dataclass

@@ -151,3 +151,9 @@ def test_dynamic_size_images_need_input_size(tmp_path):
     assert_one_line_error(invoke(*args), "--input-size")
     result = invoke(*args, "--input-size", "24x32")
     assert result.exit_code == 0, result.output
+
+
+def test_size_budget_too_small(tmp_path, model_path, npy_dir):
+    assert_one_line_error(invoke(model_path, tmp_path / "q.onnx", "--calib", npy_dir, "--size-budget", "0.01"),
+                          "size budget")
+    assert not (tmp_path / "q.onnx").exists()

@@ -51,6 +51,7 @@ TECHNIQUES = {
     "no-bias-correction": dict(bias_correction=False),
     "blend0.5": dict(compensation_blend=0.5),
     "damping0.1": dict(damping=0.1),
+    "damping0.3": dict(damping=0.3),
     "damping0.001": dict(damping=0.001),
     "asymmetric": dict(asymmetric_activations=True),
     "depthwise8": dict(layer_wbits={"@depthwise": 8}),

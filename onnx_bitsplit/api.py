@@ -6,6 +6,7 @@ import fnmatch
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -54,48 +55,60 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
         batches = batch_feeds(as_feeds(calibration), input_shapes(prepared),
                               batch_size=config.batch_size, count=config.calib_count)
         report.calibration_samples = sum(next(iter(b.values())).shape[0] for b in batches)
-    with _phase(report, "capture"):
-        streams = NetworkStreams(prepared, layers, batches, compensate=config.error_compensation)
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in prepared.graph.initializer}
-    bits_of = [layer_bits(config, layers, index) for index in range(len(layers))]
-    sensitivity, reasons = [{}] * len(layers), [""] * len(layers)
+    bits = [layer_bits(config, layers, index) for index in range(len(layers))]
     if config.size_budget is not None:
         with _phase(report, "sensitivity"):
             sensitivity = _sensitivities(prepared, layers, batches, weights, config)
-            bits_of, reasons = _budget_bits(model, prepared, layers, weights, sensitivity, config)
-    activations: dict[str, ActivationQuant] = {}
-    solved = []
-    for index, layer in enumerate(layers):
-        start = time.perf_counter()
-        with _phase(report, "activation scales"):
-            if layer.input_name not in activations:
-                activations[layer.input_name] = _quantize_input(prepared, streams, index, config)
-        with _phase(report, "statistics"):
-            solver = _accumulate(layer, streams, index, weights[layer.weight_name], config.compensation_blend)
-        bits = bits_of[index]
-        with _phase(report, "solve"):
-            solution = solver.solve(bits, iterations=config.iterations, damping=config.damping)
-        weight_quant, float_params, quant_params = _layer_quant(layer, solution, weights, bits, config)
-        with _phase(report, "capture"):
-            if index + 1 < len(layers):
-                streams.advance(index, float_params=float_params, quant_params=quant_params)
-        solved.append(weight_quant)
-        groups, rows, inputs = solution.q.shape
-        report.layers.append(LayerReport(
-            layer.name, layer.op, bits, (groups * rows, inputs, groups),
-            solution.rel_error, solution.rtn_rel_error, time.perf_counter() - start,
-            sensitivity[index], reasons[index]))
-        if progress:
-            progress(index + 1, len(layers), layer.name)
+            bits, reasons = _budget_bits(model, prepared, layers, weights, sensitivity, config)
+    with _phase(report, "capture"):
+        streams = NetworkStreams(prepared, layers, batches, compensate=config.error_compensation)
+    solved, activations = _solve_layers(prepared, streams, weights, bits, config, report, progress)
+    if config.size_budget is not None:
+        report.layers = [replace(layer, sensitivity=errors, reason=reason)
+                         for layer, errors, reason in zip(report.layers, sensitivity, reasons)]
     report.activations = len(activations)
     with _phase(report, "write"):
-        quantized = write_qdq(prepared, solved, list(activations.values()))
+        quantized = write_qdq(prepared, solved, activations)
         try:  # the promise is a model onnxruntime runs: keep it even for odd inputs
             make_session(quantized)
         except Exception as exc:
             raise ModelError(f"the quantized model does not load in onnxruntime: {str(exc).strip()[:300]}") from None
     report.float_bytes, report.quant_bytes = model.ByteSize(), quantized.ByteSize()
     return quantized, report
+
+
+def _solve_layers(model: onnx.ModelProto, streams: NetworkStreams, weights: dict, bits: list[int],
+                  config: QuantConfig, report: Report, progress: Progress | None):
+    """Layer by layer: quantize its input, gather its statistics, solve, advance both streams.
+
+    Returns:
+        (the WeightQuant of every layer, the ActivationQuant of every quantized input).
+    """
+    layers = streams.layers
+    activations: dict[str, ActivationQuant] = {}
+    solved = []
+    for index, layer in enumerate(layers):
+        start = time.perf_counter()
+        with _phase(report, "activation scales"):
+            if layer.input_name not in activations:
+                activations[layer.input_name] = _quantize_input(model, streams, index, config)
+        with _phase(report, "statistics"):
+            solver = _accumulate(layer, streams, index, weights[layer.weight_name], config.compensation_blend)
+        with _phase(report, "solve"):
+            solution = solver.solve(bits[index], iterations=config.iterations, damping=config.damping)
+        weight_quant, float_params, quant_params = _layer_quant(layer, solution, weights, bits[index], config)
+        with _phase(report, "capture"):
+            if index + 1 < len(layers):
+                streams.advance(index, float_params=float_params, quant_params=quant_params)
+        solved.append(weight_quant)
+        groups, rows, inputs = solution.q.shape
+        report.layers.append(LayerReport(
+            layer.name, layer.op, bits[index], (groups * rows, inputs, groups),
+            solution.rel_error, solution.rtn_rel_error, time.perf_counter() - start))
+        if progress:
+            progress(index + 1, len(layers), layer.name)
+    return solved, list(activations.values())
 
 
 def layer_bits(config: QuantConfig, layers: list[LayerSpec], index: int) -> int:

@@ -74,8 +74,8 @@ class QuantConfig:
             raise BitsplitError(f"iterations must be 0 or more, got {self.iterations}")
         if not 0.0 <= self.compensation_blend <= 1.0:
             raise BitsplitError(f"compensation_blend must be in [0, 1], got {self.compensation_blend}")
-        if not 0.0 <= self.damping < 1.0:
-            raise BitsplitError(f"damping must be in [0, 1), got {self.damping}")
+        if not 0.0 <= self.damping <= 100.0:
+            raise BitsplitError(f"damping must be in [0, 100], got {self.damping}")
         if self.batch_size < 1:
             raise BitsplitError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.calib_count < 1:

@@ -126,7 +126,7 @@ def image_options(command):
               help="Signed activations as uint8 with a zero point instead of symmetric int8.")
 @click.option("--iterations", default=10, show_default=True, type=int,
               help="Most alternations of scales and bit-plane sweeps per layer.")
-@click.option("--damping", default=0.01, show_default=True, type=float,
+@click.option("--damping", default=0.3, show_default=True, type=float,
               help="Ridge toward the float weights, as a fraction of the Gram matrix's mean diagonal.")
 @click.option("--batch-size", default=16, show_default=True, type=int,
               help="Calibration samples run at once.")

@@ -50,10 +50,9 @@ RTN = dict(iterations=0, error_compensation=False, bias_correction=False)
 TECHNIQUES = {
     "no-bias-correction": dict(bias_correction=False),
     "blend0.5": dict(compensation_blend=0.5),
+    "damping0.01": dict(damping=0.01),
     "damping0.1": dict(damping=0.1),
-    "damping0.3": dict(damping=0.3),
     "damping1": dict(damping=1.0),
-    "damping0.001": dict(damping=0.001),
     "asymmetric": dict(asymmetric_activations=True),
     "depthwise8": dict(layer_wbits={"@depthwise": 8}),
 }

@@ -107,7 +107,7 @@ def image_options(command):
               help="Use at most this many calibration samples.")
 @image_options
 @click.option("--wbits", default=4, show_default=True, type=int, help="Weight bits, 2 to 8.")
-@click.option("--abits", default=8, show_default=True, type=int, help="Activation bits (per tensor).")
+@click.option("--abits", default=8, show_default=True, type=int, help="Activation bits (per tensor); 8.")
 @click.option("--first-last-wbits", default="8", show_default=True,
               help="Weight bits of the first and last layer; 'same' uses --wbits.")
 @click.option("--bits-per-layer", "layer_bits", multiple=True, metavar="PATTERN=BITS",

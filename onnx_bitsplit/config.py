@@ -8,6 +8,7 @@ from .errors import BitsplitError
 
 MIN_BITS = 2
 MAX_BITS = 8
+ACTIVATION_BITS = 8
 
 
 def _check_bits(what: str, bits: int) -> None:
@@ -21,7 +22,7 @@ class QuantConfig:
 
     Attributes:
         wbits: weight bits of the quantized layers. Defaults to 4.
-        abits: activation bits (per tensor). Defaults to 8.
+        abits: activation bits (per tensor); 8, the width of int8/uint8 QuantizeLinear. Defaults to 8.
         first_last_wbits: weight bits of the first and last quantized layer; None keeps them at
             `wbits`. Defaults to 8 (the paper's setting).
         layer_wbits: weight bits by node name or fnmatch pattern ('*depthwise*'), or for every
@@ -63,7 +64,8 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         _check_bits("wbits", self.wbits)
-        _check_bits("abits", self.abits)
+        if self.abits != ACTIVATION_BITS:  # QuantizeLinear saturates at the int8/uint8 range
+            raise BitsplitError(f"abits: only {ACTIVATION_BITS}-bit activations are supported, got {self.abits!r}")
         if self.first_last_wbits is not None:
             _check_bits("first_last_wbits", self.first_last_wbits)
         for name, bits in self.layer_wbits.items():

@@ -157,3 +157,7 @@ def test_size_budget_too_small(tmp_path, model_path, npy_dir):
     assert_one_line_error(invoke(model_path, tmp_path / "q.onnx", "--calib", npy_dir, "--size-budget", "0.01"),
                           "size budget")
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_activation_bits_other_than_8_are_refused(tmp_path, model_path, npy_dir):
+    assert_one_line_error(invoke(model_path, tmp_path / "q.onnx", "--calib", npy_dir, "--abits", "4"), "abits")

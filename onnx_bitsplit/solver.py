@@ -127,7 +127,7 @@ class BitSplitSolver:
         self.x_tilde_sum += _summed(x_tilde.sum(axis=-2), 2)
         self.count += x.size // (x.shape[-3] * x.shape[-1])
 
-    def solve(self, bits: int, *, iterations: int = 10, damping: float = 0.01) -> LayerSolution:
+    def solve(self, bits: int, *, iterations: int = 10, damping: float = 0.3) -> LayerSolution:
         """Bit-Split and Stitching on the accumulated statistics.
 
         Args:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from .act_scale import fake_quant, mse_affine, mse_scale, sample_values
-from .calibration import as_feeds, batch_feeds, input_shapes
+from .calibration import as_feeds, batch_feeds, input_shapes, sample_count
 from .capture import NetworkStreams, make_session
 from .config import QuantConfig
 from .errors import BitsplitError, ModelError
@@ -54,7 +54,7 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
     with _phase(report, "calibration"):
         batches = batch_feeds(as_feeds(calibration), input_shapes(prepared),
                               batch_size=config.batch_size, count=config.calib_count)
-        report.calibration_samples = sum(next(iter(b.values())).shape[0] for b in batches)
+        report.calibration_samples = sample_count(batches)
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in prepared.graph.initializer}
     bits = [layer_bits(config, layers, index) for index in range(len(layers))]
     if config.size_budget is not None:
@@ -140,13 +140,16 @@ def _quantize_input(model, streams: NetworkStreams, index: int, config: QuantCon
 
 def _sensitivities(model, layers: list[LayerSpec], batches, weights: dict, config: QuantConfig) -> list[dict]:
     """Each layer's relative output error at each bit width of BUDGET_BITS, solved on float
-    inputs (one float pass, a few iterations per solve)."""
+    inputs (one float pass, a few iterations per solve); none for layers whose bits layer_wbits fixes."""
     streams = NetworkStreams(model, layers, batches, compensate=False)
     errors = []
     for index, layer in enumerate(layers):
-        solver = _accumulate(layer, streams, index, weights[layer.weight_name], blend=1.0)
-        errors.append({bits: solver.solve(bits, iterations=SENSITIVITY_ITERATIONS, damping=config.damping).rel_error
-                       for bits in BUDGET_BITS})
+        if _override(config, layer) is not None:
+            errors.append({})
+        else:
+            solver = _accumulate(layer, streams, index, weights[layer.weight_name], blend=1.0)
+            errors.append({bits: solver.solve(bits, iterations=SENSITIVITY_ITERATIONS, damping=config.damping).rel_error
+                           for bits in BUDGET_BITS})
         params = {name: weights[name] for name in (layer.weight_name, layer.bias_name) if name}
         if index + 1 < len(layers):
             streams.advance(index, float_params=params, quant_params=params)

@@ -214,6 +214,11 @@ def _rows(feed: dict[str, np.ndarray]) -> int:
     return next(iter(feed.values())).shape[0]
 
 
+def sample_count(batches: list[dict[str, np.ndarray]]) -> int:
+    """Samples in a list of batches (batch_feeds' result)."""
+    return sum(map(_rows, batches))
+
+
 def _checked_feed(feed, shapes, fixed_batch: int | None) -> dict[str, np.ndarray]:
     """The feed's arrays, checked: every input present, every fixed dimension matching (a fixed
     batch may come as any multiple of itself), the same number of rows in every input."""
@@ -245,7 +250,7 @@ def _concatenate(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def _trim(batches: list[dict[str, np.ndarray]], count: int) -> list[dict[str, np.ndarray]]:
     """Drop rows past `count` from the last batch."""
-    excess = sum(map(_rows, batches)) - count
+    excess = sample_count(batches) - count
     if excess > 0:
         last = batches[-1]
         batches[-1] = {name: value[: value.shape[0] - excess] for name, value in last.items()}

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from .calibration import as_feeds, batch_feeds, input_shapes
+from .calibration import as_feeds, batch_feeds, input_shapes, sample_count
 from .capture import make_session
 from .errors import ModelError
 
@@ -96,7 +96,7 @@ def compare(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, feeds, *
     quant_run, quant_ms = _run(quant_model, batches)
     if [name for name, _ in float_run] != [name for name, _ in quant_run]:
         raise ModelError("the two models have different outputs")
-    samples = sum(next(iter(b.values())).shape[0] for b in batches)
+    samples = sample_count(batches)
     if labels is not None and len(labels) < samples:
         raise ModelError(f"{len(labels)} labels for {samples} samples")
     report = CheckReport(samples, latency_ms_float=float_ms, latency_ms_quant=quant_ms)

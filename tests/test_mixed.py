@@ -43,3 +43,11 @@ def test_budget_mode_respects_the_budget_and_reports_sensitivity():
         assert layer.reason.startswith("size budget")
     with pytest.raises(BitsplitError, match="size budget"):
         quantize(model, feeds, QuantConfig(size_budget=0.01))
+
+
+def test_budget_keeps_layer_overrides():
+    model = conv_model()
+    feeds = calibration_feeds(model, 8)
+    _, report = quantize(model, feeds, QuantConfig(size_budget=0.9, layer_wbits={"conv2": 3}))
+    assert [layer.bits for layer in report.layers] == [8, 3, 8]  # a generous budget: 8 bits where free
+    assert report.layers[1].sensitivity == {}

@@ -15,6 +15,7 @@ from .act_scale import fake_quant, mse_affine, mse_scale, sample_values
 from .calibration import as_feeds, batch_feeds, input_shapes, sample_count
 from .capture import NetworkStreams, make_session
 from .config import QuantConfig
+from .equalize import equalize
 from .errors import BitsplitError, ModelError
 from .graph import LayerSpec, find_layers, is_non_negative, prepare
 from .mixed import LayerCost, allocate_bits, storage_bytes
@@ -55,6 +56,10 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
         batches = batch_feeds(as_feeds(calibration), input_shapes(prepared),
                               batch_size=config.batch_size, count=config.calib_count)
         report.calibration_samples = sample_count(batches)
+    if config.equalization:
+        with _phase(report, "equalization"):
+            prepared, report.equalized = equalize(prepared, {layer.name for layer in layers}, batches)
+            layers, report.skipped = find_layers(prepared)
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in prepared.graph.initializer}
     bits = [layer_bits(config, layers, index) for index in range(len(layers))]
     if config.size_budget is not None:
@@ -67,7 +72,6 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
     if config.size_budget is not None:
         report.layers = [replace(layer, sensitivity=errors, reason=reason)
                          for layer, errors, reason in zip(report.layers, sensitivity, reasons)]
-    report.activations = len(activations)
     with _phase(report, "write"):
         quantized = write_qdq(prepared, solved, activations)
         try:  # the promise is a model onnxruntime runs: keep it even for odd inputs
@@ -92,7 +96,8 @@ def _solve_layers(model: onnx.ModelProto, streams: NetworkStreams, weights: dict
         start = time.perf_counter()
         with _phase(report, "activation scales"):
             if layer.input_name not in activations:
-                activations[layer.input_name] = _quantize_input(model, streams, index, config)
+                activations[layer.input_name], report.activations[layer.input_name] = \
+                    _quantize_input(model, streams, index, config)
         with _phase(report, "statistics"):
             solver = _accumulate(layer, streams, index, weights[layer.weight_name], config.compensation_blend)
         with _phase(report, "solve"):
@@ -122,9 +127,13 @@ def layer_bits(config: QuantConfig, layers: list[LayerSpec], index: int) -> int:
     return config.wbits
 
 
-def _quantize_input(model, streams: NetworkStreams, index: int, config: QuantConfig) -> ActivationQuant:
+def _quantize_input(model, streams: NetworkStreams, index: int, config: QuantConfig) -> tuple[ActivationQuant, float]:
     """Choose the layer input's scale on the quantized stream's values and fake-quantize them there,
-    so every later layer sees what the deployed model computes."""
+    so every later layer sees what the deployed model computes.
+
+    Returns:
+        (the quantizer, its relative error on the values the scale was chosen on).
+    """
     name = streams.layers[index].input_name
     x_tilde, _ = streams.layer_inputs(index)
     values = sample_values(x_tilde)
@@ -135,7 +144,8 @@ def _quantize_input(model, streams: NetworkStreams, index: int, config: QuantCon
     else:
         scale = mse_scale(values, config.abits, signed)
     streams.replace_quantized(name, [fake_quant(b, scale, config.abits, signed, zero_point) for b in x_tilde])
-    return ActivationQuant(name, scale, signed, zero_point)
+    residual = values - fake_quant(values, scale, config.abits, signed, zero_point)
+    return ActivationQuant(name, scale, signed, zero_point), float(residual @ residual / max(values @ values, 1e-30))
 
 
 def _sensitivities(model, layers: list[LayerSpec], batches, weights: dict, config: QuantConfig) -> list[dict]:

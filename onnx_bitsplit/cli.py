@@ -122,6 +122,9 @@ def image_options(command):
               help="Weight of the quantized network's inputs in error compensation (0 = float inputs).")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="Shift each bias by the mean output error of its layer.")
+@click.option("--equalize/--no-equalize", "equalization", default=False, show_default=True,
+              help="Fold per-channel factors into each Conv -> Conv pair so activations and weights "
+                   "quantize with less loss (the paper's ECAQ).")
 @click.option("--asymmetric-activations/--symmetric-activations", default=False, show_default=True,
               help="Signed activations as uint8 with a zero point instead of symmetric int8.")
 @click.option("--iterations", default=10, show_default=True, type=int,
@@ -138,7 +141,7 @@ def image_options(command):
 def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_count: int, preset: str,
                      mean: str | None, std: str | None, input_size: str | None, wbits: int, abits: int, first_last_wbits: str,
                      layer_bits: tuple[str, ...], size_budget: float | None, error_compensation: bool, compensation_blend: float,
-                     bias_correction: bool,
+                     bias_correction: bool, equalization: bool,
                      asymmetric_activations: bool, iterations: int, damping: float, batch_size: int, report_path: Path | None,
                      external_data: bool, quiet: bool):
     """Quantize a float ONNX model to a low-bit QDQ model with Bit-Split and Stitching."""
@@ -148,7 +151,8 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
             first_last_wbits=None if first_last_wbits == "same" else _int(first_last_wbits),
             layer_wbits=_layer_bits(layer_bits), size_budget=size_budget, error_compensation=error_compensation,
             compensation_blend=compensation_blend,
-            bias_correction=bias_correction, asymmetric_activations=asymmetric_activations,
+            bias_correction=bias_correction, equalization=equalization,
+            asymmetric_activations=asymmetric_activations,
             iterations=iterations, damping=damping,
             batch_size=batch_size, calib_count=calib_count)
         _check_paths(input_path, output_path)

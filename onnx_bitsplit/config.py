@@ -37,6 +37,8 @@ class QuantConfig:
             (1 - blend)·(float input); below 1 it keeps the solve from fitting the calibration
             set's particular quantization errors. Defaults to 1.0.
         bias_correction: shift each bias by the mean output error of its layer. Defaults to True.
+        equalization: fold per-channel factors into each Conv -> Conv pair (the paper's ECAQ,
+            equalize.py) before solving. Defaults to False.
         asymmetric_activations: quantize signed activations as uint8 with a zero point instead of
             symmetric int8 (non-negative ones are uint8 either way). Defaults to False.
         iterations: at most this many alternations of scales and bit-plane sweeps; 0 keeps the
@@ -56,6 +58,7 @@ class QuantConfig:
     error_compensation: bool = True
     compensation_blend: float = 1.0
     bias_correction: bool = True
+    equalization: bool = False
     asymmetric_activations: bool = False
     iterations: int = 10
     damping: float = 0.3

@@ -105,13 +105,19 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
         graph.fold_constants().cleanup().toposort()
         _fold_batch_norms(graph)
         _add_missing_biases(graph)
-        prepared = gs.export_onnx(graph)
-    prepared.ir_version = IR_VERSION
+        return export(graph)
+
+
+def export(graph: gs.Graph) -> onnx.ModelProto:
+    """The graph as a model at IR_VERSION with shapes inferred where onnx can."""
+    with gs.logger.G_LOGGER.suppress():
+        model = gs.export_onnx(graph)
+    model.ir_version = IR_VERSION
     try:
-        return onnx.shape_inference.infer_shapes(prepared)
+        return onnx.shape_inference.infer_shapes(model)
     except Exception as exc:  # a model onnx cannot infer still runs; types come from the data
         log.warning("shape inference failed: %s", exc)
-        return prepared
+        return model
 
 
 def _to_opset(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -278,6 +284,14 @@ def is_non_negative(model: onnx.ModelProto, tensor_name: str) -> bool:
         if node.op_type == "Clip":
             low = initializers.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
             return low is not None and float(onnx.numpy_helper.to_array(low).min()) >= 0
+        if node.op_type in ("Max", "Min"):  # with a constant bound, as equalize writes Clip
+            bound = initializers.get(node.input[1]) if len(node.input) == 2 else None
+            if bound is None or float(onnx.numpy_helper.to_array(bound).min()) < 0:
+                return False
+            if node.op_type == "Max":
+                return True
+            name = node.input[0]
+            continue
         if node.op_type == "Pad" and len(node.input) > 2 and node.input[2]:
             value = initializers.get(node.input[2])
             if value is None or float(onnx.numpy_helper.to_array(value)) < 0:

@@ -40,7 +40,9 @@ class Report:
     Attributes:
         layers: the quantized layers, in graph order.
         skipped: (name, reason) of Conv/Gemm/MatMul nodes left in float.
-        activations: number of activation tensors quantized.
+        activations: each quantized activation tensor's relative error ||x - Q(x)||² / ||x||² on the
+            calibration values its scale was chosen on.
+        equalized: the layer pairs cross-layer equalization changed (equalize.EqualizedPair).
         calibration_samples: samples the statistics were gathered on.
         phase_seconds: wall time per phase.
         float_bytes, quant_bytes: serialized model sizes.
@@ -48,7 +50,8 @@ class Report:
 
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    activations: int = 0
+    activations: dict[str, float] = field(default_factory=dict)
+    equalized: list = field(default_factory=list)
     calibration_samples: int = 0
     phase_seconds: dict[str, float] = field(default_factory=dict)
     float_bytes: int = 0
@@ -64,15 +67,23 @@ class Report:
         lines = [
             f"quantized {len(self.layers)} layers ("
             + ", ".join(f"{count} at W{b}" for b, count in sorted(bits.items())) + f"), "
-            f"{self.activations} activations at 8 bits, from {self.calibration_samples} calibration samples",
+            f"{len(self.activations)} activations at 8 bits, from {self.calibration_samples} calibration samples",
             f"time {total:.1f}s ({phases})",
             f"size {_mib(self.float_bytes)} -> {_mib(self.quant_bytes)} "
             f"({100 * self.quant_bytes / max(self.float_bytes, 1):.1f}%)",
         ]
+        if self.equalized:
+            clips = sum(bool(pair.note) for pair in self.equalized)
+            lines.append(f"equalized {len(self.equalized)} layer pairs (channel factors spread up to "
+                         f"{max(pair.spread for pair in self.equalized):.0f}x"
+                         + (f"; Clip bounds made per-channel in {clips}" if clips else "") + ")")
         if self.skipped:
             lines.append(f"kept in float: {len(self.skipped)} ("
                          + "; ".join(f"{name}: {reason}" for name, reason in self.skipped[:3])
                          + (" ..." if len(self.skipped) > 3 else "") + ")")
+        if self.activations:
+            name, error = max(self.activations.items(), key=lambda item: item[1])
+            lines.append(f"worst activation by relative error: {name}: {error:.2e}")
         ranked = sorted(self.layers, key=lambda layer: layer.rel_error, reverse=True)[:worst]
         if ranked:
             lines.append("worst layers by relative output error (Bit-Split vs round-to-nearest):")

@@ -167,6 +167,37 @@ def mobile_model(opset: int = 11) -> onnx.ModelProto:
     return model
 
 
+def inverted_residual_model() -> onnx.ModelProto:
+    """
+        x [N,4,10,10] -> Conv 1x1 (4->8, rows scaled 0.1 to 1.5) -> Clip(0, 6) -> Pad 1
+          -> Conv 3x3 depthwise -> Clip(0, 6) -> Conv 1x1 (8->4) -> Add(x) -> y
+    A MobileNetV2/EfficientNet-Lite block, its channels' ranges spread as trained ones are.
+    """
+    rng = np.random.default_rng(0)
+    init = [
+        _const("w1", rng.normal(0, 0.5, (8, 4, 1, 1)) * np.geomspace(0.1, 1.5, 8).reshape(8, 1, 1, 1)),
+        _const("b1", rng.normal(0, 0.1, 8)),
+        _const("w2", rng.normal(0, 0.3, (8, 1, 3, 3))), _const("b2", rng.normal(0, 0.1, 8)),
+        _const("w3", rng.normal(0, 0.3, (4, 8, 1, 1))), _const("b3", rng.normal(0, 0.1, 4)),
+        _const("zero", 0.0), _const("six", 6.0),
+        numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+    ]
+    nodes = [
+        helper.make_node("Conv", [INPUT, "w1", "b1"], ["c1"], name="expand"),
+        helper.make_node("Clip", ["c1", "zero", "six"], ["r1"], name="relu6_expand"),
+        helper.make_node("Pad", ["r1", "pads"], ["p1"], name="pad"),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], name="depthwise", group=8),
+        helper.make_node("Clip", ["c2", "zero", "six"], ["r2"], name="relu6_depthwise"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="project"),
+        helper.make_node("Add", ["c3", INPUT], ["y"], name="residual"),
+    ]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", 4, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 10, 10])], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(model)
+    return model
+
+
 def conv1d_conv3d_model() -> onnx.ModelProto:
     """
         x [N,4,16] -> Conv1d k3 (4->8) -> Relu -> Conv1d k1 stride 2 (8->4) -> Flatten -> Gemm (32->6)

@@ -4,7 +4,9 @@ result on the same held-out images.
     python tools/bench.py                        # EfficientNet-Lite0 from ../shared, all methods
     python tools/bench.py --methods float,bitsplit-ec-w4 --calib-count 64
 
-Calibration uses the first --calib-count images of --images (sorted by name); evaluation the rest.
+Calibration uses the first --calib-count images of --images (sorted by name) and evaluation the
+rest; with --calib-last, the last --calib-count images calibrate and the ones before them evaluate
+(a second split, to check that a default chosen on the first one holds).
 Labels come from the file names (`CCC_wnid_name.jpg` -> int(CCC)). Columns: top-1, argmax agreement
 with the float model, conversion seconds, output size, onnxruntime CPU latency (median of batch-1
 runs). The markdown table goes to stdout and to --out.
@@ -49,11 +51,14 @@ RTN = dict(iterations=0, error_compensation=False, bias_correction=False)
 # One technique changed at a time from the default (Bit-Split + error compensation), at W4 and W3.
 TECHNIQUES = {
     "no-bias-correction": dict(bias_correction=False),
+    "blend0.25": dict(compensation_blend=0.25),
     "blend0.5": dict(compensation_blend=0.5),
+    "blend0.75": dict(compensation_blend=0.75),
     "damping0.01": dict(damping=0.01),
     "damping0.1": dict(damping=0.1),
     "damping1": dict(damping=1.0),
     "asymmetric": dict(asymmetric_activations=True),
+    "equalize": dict(equalization=True),
     "depthwise8": dict(layer_wbits={"@depthwise": 8}),
 }
 ABLATIONS = {m.label: m for m in [_ours(f"ec-w{b}-{name}", b, **options)
@@ -76,6 +81,8 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=Path, default=SHARED / "data" / "imagenet-sample-dev")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tf")
     parser.add_argument("--calib-count", type=int, default=256)
+    parser.add_argument("--calib-last", action="store_true",
+                        help="calibrate on the last --calib-count images, evaluate on the ones before them")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated, from: {', '.join(METHODS)}; or the ablations "
                              f"{', '.join(ABLATIONS)}")
@@ -88,12 +95,14 @@ def main(argv=None) -> int:
     size = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[2:])
     mean, std = PRESETS[args.preset]
 
-    def reader(count=None, skip=0):
+    def reader(calibration: bool):
         r = ImageFolderReader(args.images, input_name, size, mean=mean, std=std)
-        r.paths = r.paths[skip:][:count]
+        split = len(r.paths) - args.calib_count if args.calib_last else args.calib_count
+        first, second = r.paths[:split], r.paths[split:]
+        r.paths = (second if args.calib_last else first) if calibration else (first if args.calib_last else second)
         return r
 
-    held_out = reader(skip=args.calib_count)
+    held_out = reader(calibration=False)
     x = np.concatenate([feed[input_name] for feed in held_out])
     labels = np.array([int(p.name[:3]) for p in held_out.paths])
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="bench-"))
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
     for label in args.methods.split(","):
         method = {**METHODS, **ABLATIONS}[label]
         path = args.model if label == "float" else workdir / f"{label}.onnx"
-        seconds = 0.0 if label == "float" else convert(method, args.model, path, lambda: reader(args.calib_count))
+        seconds = 0.0 if label == "float" else convert(method, args.model, path, lambda: reader(calibration=True))
         predictions = predict(path, input_name, x)
         rows.append((label, 100 * (predictions == labels).mean(), 100 * (predictions == float_predictions).mean(),
                      seconds, path.stat().st_size / 2**20, latency_ms(path, input_name, x[:1])))
@@ -162,9 +171,10 @@ def latency_ms(path: Path, input_name: str, x: np.ndarray, runs: int = 30) -> fl
 
 
 def markdown(rows, args, evaluated: int) -> str:
+    where = ("last", "before") if args.calib_last else ("first", "after")
     lines = [
-        f"Model `{args.model.name}`, calibration: first {args.calib_count} images of `{args.images.name}`, "
-        f"evaluation: the {evaluated} after them.",
+        f"Model `{args.model.name}`, calibration: {where[0]} {args.calib_count} images of `{args.images.name}`, "
+        f"evaluation: the {evaluated} {where[1]} them.",
         "",
         "| method | top-1 % | agreement with float % | conversion s | size MiB | latency ms (batch 1) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",

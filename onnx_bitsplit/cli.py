@@ -118,8 +118,9 @@ def image_options(command):
                    "this fraction of the input's size, e.g. 0.18; overrides --wbits/--first-last-wbits.")
 @click.option("--error-compensation/--no-error-compensation", default=True, show_default=True,
               help="Solve each layer on inputs from the partially quantized network.")
-@click.option("--compensation-blend", default=1.0, show_default=True, type=float,
-              help="Weight of the quantized network's inputs in error compensation (0 = float inputs).")
+@click.option("--compensation-blend", default=0.5, show_default=True, type=float,
+              help="Weight of the quantized network's inputs in error compensation (0 = float inputs, "
+                   "1 = the paper's).")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="Shift each bias by the mean output error of its layer.")
 @click.option("--equalize/--no-equalize", "equalization", default=False, show_default=True,

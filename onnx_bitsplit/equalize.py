@@ -12,7 +12,8 @@ quantizers see:
 - a dense consumer's weight columns move with s, so s balances the two ranges,
   s_c = sqrt(r_c / w_c) (Nagel et al., 2019), giving each column a share of its rows' integer grid
   in proportion to how large its input is.
-Clip's bounds become per-channel (Max/Min with constant [C,1,1] bounds), since Clip takes scalars.
+Clip's bounds become per-channel (Relu or Max, then Min, with constant [C,1,1] bounds), since Clip
+takes scalars.
 """
 
 from __future__ import annotations
@@ -171,14 +172,18 @@ def _fold(graph: gs.Graph, pair: _Pair, factors: np.ndarray) -> str:
 
 
 def _per_channel_clip(graph: gs.Graph, clip: gs.Node, factors: np.ndarray) -> None:
-    """Clip(x, lo, hi) on x/s -> Min(Max(x, lo/s), hi/s), the bounds shaped like `factors`."""
+    """Clip(x, lo, hi) on x/s -> Min(Max(x, lo/s), hi/s), the bounds shaped like `factors`;
+    Max(x, 0) stays Relu, a bound of zero being zero on every channel."""
+    tensor = clip.inputs[0]
     bounds = [(op, clip.inputs[index]) for op, index in (("Max", 1), ("Min", 2))
               if len(clip.inputs) > index and clip.inputs[index].name]
-    tensor = clip.inputs[0]
     for position, (op, bound) in enumerate(bounds):
-        last = position == len(bounds) - 1
-        out = clip.outputs[0] if last else gs.Variable(f"{clip.name}.{op.lower()}", dtype=np.float32)
-        scaled = gs.Constant(f"{clip.name}.{op.lower()}_bound", (float(bound.values) / factors).astype(np.float32))
-        graph.nodes.append(gs.Node(op, f"{clip.name}_{op.lower()}", inputs=[tensor, scaled], outputs=[out]))
+        out = clip.outputs[0] if position == len(bounds) - 1 else gs.Variable(f"{clip.name}.{op.lower()}", np.float32)
+        if op == "Max" and float(bound.values) == 0.0:
+            node = gs.Node("Relu", f"{clip.name}_relu", inputs=[tensor], outputs=[out])
+        else:
+            scaled = gs.Constant(f"{clip.name}.{op.lower()}_bound", (float(bound.values) / factors).astype(np.float32))
+            node = gs.Node(op, f"{clip.name}_{op.lower()}", inputs=[tensor, scaled], outputs=[out])
+        graph.nodes.append(node)
         tensor = out
     clip.outputs.clear()

@@ -32,7 +32,7 @@ def test_the_function_is_unchanged_and_clip_bounds_become_per_channel():
     assert [(p.producer, p.consumer) for p in pairs] == [("expand", "depthwise"), ("depthwise", "project")]
     assert all(p.note == "1 Clip made per-channel" for p in pairs)
     ops = [node.op_type for node in equalized.graph.node]
-    assert "Clip" not in ops and ops.count("Max") == 2 and ops.count("Min") == 2
+    assert "Clip" not in ops and ops.count("Relu") == 2 and ops.count("Min") == 2
     feed = calibration_feeds(inverted_residual_model(), count=1, seed=5)[0]
     np.testing.assert_allclose(run(equalized, feed)[0], run(prepared, feed)[0], rtol=1e-4, atol=1e-5)
 
@@ -50,7 +50,7 @@ def test_a_depthwise_input_gets_one_range_for_every_channel():
     stretched = before >= before.max() / MAX_STRETCH
     np.testing.assert_allclose(after[stretched], before.max(), rtol=1e-5)
     np.testing.assert_allclose(after[~stretched], before[~stretched] * MAX_STRETCH, rtol=1e-5)
-    assert is_non_negative(equalized, depthwise_input)  # still unsigned through Max/Min and Pad
+    assert is_non_negative(equalized, depthwise_input)  # still unsigned through Relu, Min and Pad
 
 
 def test_no_pair_through_a_nonlinearity_or_a_shared_tensor():

@@ -51,8 +51,8 @@ RTN = dict(iterations=0, error_compensation=False, bias_correction=False)
 # One technique changed at a time from the default (Bit-Split + error compensation), at W4 and W3.
 TECHNIQUES = {
     "no-bias-correction": dict(bias_correction=False),
+    "blend1": dict(compensation_blend=1.0),  # the paper's: quantized-network inputs only
     "blend0.25": dict(compensation_blend=0.25),
-    "blend0.5": dict(compensation_blend=0.5),
     "blend0.75": dict(compensation_blend=0.75),
     "damping0.01": dict(damping=0.01),
     "damping0.1": dict(damping=0.1),

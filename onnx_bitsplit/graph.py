@@ -87,7 +87,7 @@ class LayerSpec:
         return matrix[0].T if self.axis == 1 else matrix[0]
 
     def patches(self, x: np.ndarray) -> np.ndarray:
-        """Layer input -> (..., g, P, N) patches, so that outputs are patches @ Wᵀ per group."""
+        """Layer input -> (g, P, N) patches, so that outputs are patches @ Wᵀ per group."""
         if self.geometry:
             return conv_patches(x if x.ndim == 4 else x[:, :, None, :], self.geometry)
         return dense_patches(x.swapaxes(-1, -2) if self.weight_index == 0 else x)

@@ -9,7 +9,7 @@ Symbols, as in the paper:
     X      (P, N)           layer inputs taken from the float network; Y = X Wᵀ is the target
     G      (g, N, N)        X~ᵀX~ / P
     C      (g, N, N)        XᵀX~ / P
-    F      (g, N, N)        XᵀX / P, for ||Y_m||² = W_m F W_mᵀ
+    E      (g, M)           ||Y_m||² / P, the target's energy per output
     R      (g, M, N)        W C, the cross term of the response loss
     q      (g, M, N)        stitched integers in [-qmax, qmax], qmax = 2^(b-1) - 1
     B      (b-1, g, M, N)   ternary bit planes in {-1, 0, +1}, q = Σ_i 2^i B_i
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 BLOCK = 32  # columns per blocked update of H = q G (GPTQ's lazy batch update)
+ROW_BLOCK = 4096  # patch rows per Gram product: thin blocks (N = 9 for depthwise) stay in cache
 CONVERGED = 1e-5  # stop when a sweep lowers the loss by less than this fraction
 
 
@@ -102,30 +103,41 @@ class BitSplitSolver:
         self.C = np.zeros((g, N, N))
         self.x_sum = np.zeros((g, N))
         self.x_tilde_sum = np.zeros((g, N))
-        self.F = np.zeros((g, N, N))
+        self.y_energy = np.zeros((g, M))
         self.count = 0
 
     def add_batch(self, x_tilde: np.ndarray, x: np.ndarray | None = None) -> None:
         """Fold a batch of patches into the statistics.
 
         Args:
-            x_tilde: (..., g, P, N) float32 inputs from the partially quantized network; leading
-                axes (e.g. one per sample) are summed over like P.
+            x_tilde: (g, P, N) float32 inputs from the partially quantized network.
             x: the same from the float network; None means x = x_tilde (no error compensation).
         """
         x = x_tilde if x is None else x
-        x_tilde_t = x_tilde.swapaxes(-1, -2)
-        gram = _summed(x_tilde_t @ x_tilde, 3)  # float32 BLAS per batch, summed in float64
+        gram = _gram(x_tilde, x_tilde)
         self.G += gram
         if x is x_tilde:
             self.C += gram
-            self.F += gram
+            self.y_energy += _diagonal_energy(self.W, gram)
         else:
-            self.C += _summed(x.swapaxes(-1, -2) @ x_tilde, 3)
-            self.F += _summed(x.swapaxes(-1, -2) @ x, 3)
-        self.x_sum += _summed(x.sum(axis=-2), 2)
-        self.x_tilde_sum += _summed(x_tilde.sum(axis=-2), 2)
-        self.count += x.size // (x.shape[-3] * x.shape[-1])
+            self.C += _gram(x, x_tilde)
+            self.y_energy += self._output_energy(x)
+        self.x_sum += x.sum(axis=-2)  # float32 pairwise sums along the rows (contiguous), then float64
+        self.x_tilde_sum += x_tilde.sum(axis=-2)
+        self.count += x.shape[-2]
+
+    def _output_energy(self, x: np.ndarray) -> np.ndarray:
+        """Σ_p Y_pm² for Y = X Wᵀ, by the cheaper route: Y itself when there are fewer outputs
+        than inputs (P·N·M), else diag(W XᵀX Wᵀ) (P·N²)."""
+        g, M, N = self.W.shape
+        if M >= N:
+            return _diagonal_energy(self.W, _gram(x, x))
+        W_t = self.W.swapaxes(-1, -2).astype(np.float32)
+        energy = np.zeros((g, M))
+        for start in range(0, x.shape[1], ROW_BLOCK):
+            y = x[:, start:start + ROW_BLOCK] @ W_t
+            energy += np.einsum("gpm,gpm->gm", y, y, dtype=np.float64)
+        return energy
 
     def solve(self, bits: int, *, iterations: int = 10, damping: float = 0.3) -> LayerSolution:
         """Bit-Split and Stitching on the accumulated statistics.
@@ -140,7 +152,7 @@ class BitSplitSolver:
             raise ValueError("solve() needs at least one add_batch()")
         qmax = qmax_of(bits)
         G, C = self.G / self.count, self.C / self.count
-        y_energy = np.einsum("gmn,gmn->gm", self.W @ (self.F / self.count), self.W)
+        y_energy = self.y_energy / self.count
         eye = np.eye(G.shape[-1])
         lam = damping * np.einsum("gnn->g", G)[:, None, None] / G.shape[-1]
         G_d, R_d = G + lam * eye, self.W @ (C + lam * eye)
@@ -183,9 +195,19 @@ class BitSplitSolver:
         )
 
 
-def _summed(batched: np.ndarray, trailing: int) -> np.ndarray:
-    """Sum over all but the last `trailing` axes, in float64."""
-    return batched.reshape(-1, *batched.shape[batched.ndim - trailing:]).sum(axis=0, dtype=np.float64)
+def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """aᵀb per group, (g, P, N) x (g, P, K) -> (g, N, K) in float64: float32 BLAS products over
+    ROW_BLOCK rows at a time, summed in float64."""
+    out = np.zeros((a.shape[0], a.shape[2], b.shape[2]))
+    for start in range(0, a.shape[1], ROW_BLOCK):
+        rows = slice(start, start + ROW_BLOCK)
+        out += a[:, rows].swapaxes(-1, -2) @ b[:, rows]
+    return out
+
+
+def _diagonal_energy(W: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """diag(W gram Wᵀ) per group: (g, M)."""
+    return np.einsum("gmn,gmn->gm", W @ gram, W)
 
 
 def _columns(matrix: np.ndarray) -> np.ndarray:

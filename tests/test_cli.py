@@ -61,6 +61,15 @@ def test_converts_and_writes_report(tmp_path, model_path, npy_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "model.onnx", "q.onnx", "report.json"]
 
 
+def test_equalize_flag(tmp_path, model_path, npy_dir):
+    report = tmp_path / "report.json"
+    result = invoke(model_path, tmp_path / "q.onnx", "--calib", npy_dir, "--equalize", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "equalized 2 layer pairs" in result.output  # conv1 -> Relu -> conv2 -> Relu -> conv3
+    assert [(p["producer"], p["consumer"]) for p in json.loads(report.read_text())["equalized"]] == [
+        ("conv1", "conv2"), ("conv2", "conv3")]
+
+
 def test_image_folder_calibration(tmp_path):
     path = tmp_path / "rgb.onnx"
     onnx.save(image_model(), path)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from onnx_bitsplit.solver import BitSplitSolver, fwa_init, qmax_of, split, stitch
+from onnx_bitsplit.solver import ROW_BLOCK, BitSplitSolver, fwa_init, qmax_of, split, stitch
 
 
 def correlated_inputs(rng, P=3000, N=48, noise=0.0):
@@ -111,13 +111,19 @@ def test_depthwise_groups_solve_independently(rng):
         np.testing.assert_array_equal(together.q[g], alone.q[0])
 
 
-def test_leading_axes_count_as_rows(rng):
-    """Per-sample blocks (B, g, P, N) give the statistics of their concatenation (g, B*P, N)."""
-    W = rng.normal(size=(2, 3, 5))
-    x = rng.normal(size=(4, 2, 50, 5)).astype(np.float32)
-    blocks, rows = BitSplitSolver(W), BitSplitSolver(W)
-    blocks.add_batch(x)
-    rows.add_batch(np.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(2, 200, 5))
-    assert blocks.count == rows.count == 200
-    np.testing.assert_allclose(blocks.G, rows.G, rtol=1e-5)
-    np.testing.assert_allclose(blocks.x_sum, rows.x_sum, rtol=1e-5)
+@pytest.mark.parametrize("outputs", [3, 7])  # output energy from Y itself (M < N) or from XᵀX
+def test_statistics_over_many_row_blocks_are_exact(rng, outputs):
+    """Grams and output energies summed over ROW_BLOCK-row products equal the float64 products
+    of all rows."""
+    W = rng.normal(size=(2, outputs, 5))
+    x = rng.normal(size=(2, 2 * ROW_BLOCK + 100, 5)).astype(np.float32)
+    x_tilde = (x + rng.normal(0, 0.1, x.shape)).astype(np.float32)
+    solver = BitSplitSolver(W)
+    solver.add_batch(x_tilde, x)
+    x64, x_tilde64 = x.astype(np.float64), x_tilde.astype(np.float64)
+    assert solver.count == x.shape[1]
+    tolerance = dict(rtol=1e-5, atol=1e-6 * x.shape[1])  # float32 products of ~1e4-element sums
+    np.testing.assert_allclose(solver.G, x_tilde64.swapaxes(1, 2) @ x_tilde64, **tolerance)
+    np.testing.assert_allclose(solver.C, x64.swapaxes(1, 2) @ x_tilde64, **tolerance)
+    np.testing.assert_allclose(solver.y_energy, ((x64 @ W.swapaxes(1, 2)) ** 2).sum(axis=1), **tolerance)
+    np.testing.assert_allclose(solver.x_sum, x64.sum(axis=1), rtol=1e-5, atol=1e-6 * x.shape[1])

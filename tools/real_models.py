@@ -74,6 +74,8 @@ def main() -> int:
     parser.add_argument("--models", default="det,cls")
     parser.add_argument("--wbits", default="8,4")
     parser.add_argument("--asymmetric-activations", action="store_true")
+    parser.add_argument("--compensation-blend", type=float, default=QuantConfig.compensation_blend)
+    parser.add_argument("--equalize", action="store_true")
     args = parser.parse_args()
     folder = models_folder()
     args.images = args.images or text_images(Path(tempfile.mkdtemp(prefix="text-")),
@@ -90,7 +92,9 @@ def main() -> int:
             start = time.perf_counter()
             quantized, report = quantize(model, calibration,
                                          QuantConfig(wbits=wbits, calib_count=args.calib_count, batch_size=8,
-                                                     asymmetric_activations=args.asymmetric_activations))
+                                                     asymmetric_activations=args.asymmetric_activations,
+                                                     compensation_blend=args.compensation_blend,
+                                                     equalization=args.equalize))
             seconds = time.perf_counter() - start
             result = compare(model, quantized, evaluation).outputs[0]
             print(f"| {name} | W{wbits} | {len(report.layers)} ({len(report.skipped)}) | {seconds:.0f} | "

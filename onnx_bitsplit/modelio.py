@@ -115,10 +115,17 @@ class _atomic:
     def __exit__(self, kind, value, traceback):
         self.file.close()
         if kind is None:
+            os.chmod(self.temporary, 0o666 & ~_umask())  # mkstemp's 0600 is for the temporary only
             os.replace(self.temporary, self.path)
         else:
             os.unlink(self.temporary)
         return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -59,6 +59,9 @@ def test_converts_and_writes_report(tmp_path, model_path, npy_dir):
     assert figures["calibration_samples"] == 6
     assert model_path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "model.onnx", "q.onnx", "report.json"]
+    reference = tmp_path / "plain"  # written the usual way: the output gets the same permissions
+    reference.write_text("")
+    assert out.stat().st_mode & 0o777 == report.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
 
 
 def test_equalize_flag(tmp_path, model_path, npy_dir):

@@ -134,8 +134,8 @@ class BitSplitSolver:
             return _diagonal_energy(self.W, _gram(x, x))
         W_t = self.W.swapaxes(-1, -2).astype(np.float32)
         energy = np.zeros((g, M))
-        for start in range(0, x.shape[1], ROW_BLOCK):
-            y = x[:, start:start + ROW_BLOCK] @ W_t
+        for rows in _row_blocks(x.shape[1]):
+            y = x[:, rows] @ W_t
             energy += np.einsum("gpm,gpm->gm", y, y, dtype=np.float64)
         return energy
 
@@ -199,10 +199,13 @@ def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """aᵀb per group, (g, P, N) x (g, P, K) -> (g, N, K) in float64: float32 BLAS products over
     ROW_BLOCK rows at a time, summed in float64."""
     out = np.zeros((a.shape[0], a.shape[2], b.shape[2]))
-    for start in range(0, a.shape[1], ROW_BLOCK):
-        rows = slice(start, start + ROW_BLOCK)
+    for rows in _row_blocks(a.shape[1]):
         out += a[:, rows].swapaxes(-1, -2) @ b[:, rows]
     return out
+
+
+def _row_blocks(count: int) -> list[slice]:
+    return [slice(start, start + ROW_BLOCK) for start in range(0, count, ROW_BLOCK)]
 
 
 def _diagonal_energy(W: np.ndarray, gram: np.ndarray) -> np.ndarray:

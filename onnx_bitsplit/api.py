@@ -11,15 +11,16 @@ from dataclasses import replace
 import numpy as np
 import onnx
 
-from .act_scale import fake_quant, mse_affine, mse_scale, sample_values
+from .act_scale import fake_quant, mse_affine, mse_scale, quant_range, sample_values
 from .calibration import as_feeds, batch_feeds, input_shapes, sample_count
 from .capture import NetworkStreams, make_session
 from .config import QuantConfig
 from .equalize import equalize
 from .errors import BitsplitError, ModelError
-from .graph import LayerSpec, find_layers, is_non_negative, prepare
+from .graph import LayerSpec, find_layers, prepare
+from .layout import ActivationQuant, Layout, TensorQuant, plan_layout
 from .mixed import LayerCost, allocate_bits, storage_bytes
-from .qdq import ActivationQuant, WeightQuant, write_qdq
+from .qdq import WeightQuant, write_qdq
 from .report import LayerReport, Report
 from .solver import BitSplitSolver, LayerSolution
 
@@ -30,6 +31,8 @@ Progress = Callable[[int, int, str], None]
 DEPTHWISE = "@depthwise"  # the layer_wbits key that selects every depthwise Conv
 BUDGET_BITS = (4, 8)  # INT4 holds 2 to 4 bits at one cost, INT8 5 to 8: a byte budget picks from these
 SENSITIVITY_ITERATIONS = 3
+INT32_BIAS_LIMIT = 2**31 - 2**10  # largest |bias| in units of its grid, with room for float32 rounding
+MIN_RANGE = 1e-4  # the narrowest float range of an activation quantizer
 
 
 def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = None, *,
@@ -47,33 +50,42 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
     """
     config = config or QuantConfig()
     report = Report()
-    with _phase(report, "prepare"):
-        prepared = prepare(model)
+    phase = _Clock(report.phase_seconds)
+    with phase("prepare"):
+        prepared = prepare(model, config.input_shapes)
         layers, report.skipped = find_layers(prepared)
         if not layers:
             raise ModelError("the model has no Conv, Gemm or MatMul with a constant weight to quantize")
-    with _phase(report, "calibration"):
+    with phase("calibration"):
         batches = batch_feeds(as_feeds(calibration), input_shapes(prepared),
                               batch_size=config.batch_size, count=config.calib_count)
         report.calibration_samples = sample_count(batches)
     if config.equalization:
-        with _phase(report, "equalization"):
+        with phase("equalization"):
             prepared, report.equalized = equalize(prepared, {layer.name for layer in layers}, batches)
             layers, report.skipped = find_layers(prepared)
+    layout = plan_layout(prepared, layers)
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in prepared.graph.initializer}
     bits = [layer_bits(config, layers, index) for index in range(len(layers))]
     if config.size_budget is not None:
-        with _phase(report, "sensitivity"):
+        with phase("sensitivity"):
             sensitivity = _sensitivities(prepared, layers, batches, weights, config)
-            bits, reasons = _budget_bits(model, prepared, layers, weights, sensitivity, config)
-    with _phase(report, "capture"):
-        streams = NetworkStreams(prepared, layers, batches, compensate=config.error_compensation)
-    solved, activations = _solve_layers(prepared, streams, weights, bits, config, report, progress)
+            bits, reasons = _budget_bits(model, prepared, layout, layers, weights, sensitivity, config)
+
+    def choose(decision: TensorQuant, values: list[np.ndarray]) -> ActivationQuant:
+        with phase("activation scales"):
+            quantizer, report.activations[decision.name] = choose_quantizer(decision, values, config)
+        return quantizer
+
+    with phase("capture"):
+        streams = NetworkStreams(prepared, layers, batches, layout=layout, choose=choose,
+                                 compensate=config.error_compensation)
+    solved = _solve_layers(streams, weights, bits, config, report, phase, progress)
     if config.size_budget is not None:
         report.layers = [replace(layer, sensitivity=errors, reason=reason)
                          for layer, errors, reason in zip(report.layers, sensitivity, reasons)]
-    with _phase(report, "write"):
-        quantized = write_qdq(prepared, solved, activations)
+    with phase("write"):
+        quantized = write_qdq(prepared, layout, solved, streams.quantizers, weight_storage=config.weight_storage)
         try:  # the promise is a model onnxruntime runs: keep it even for odd inputs
             make_session(quantized)
         except Exception as exc:
@@ -82,30 +94,26 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
     return quantized, report
 
 
-def _solve_layers(model: onnx.ModelProto, streams: NetworkStreams, weights: dict, bits: list[int],
-                  config: QuantConfig, report: Report, progress: Progress | None):
-    """Layer by layer: quantize its input, gather its statistics, solve, advance both streams.
+def _solve_layers(streams: NetworkStreams, weights: dict, bits: list[int], config: QuantConfig,
+                  report: Report, phase: "_Clock", progress: Progress | None) -> list[WeightQuant]:
+    """Layer by layer: gather its statistics, solve, advance both streams.
 
     Returns:
-        (the WeightQuant of every layer, the ActivationQuant of every quantized input).
+        the WeightQuant of every layer.
     """
     layers = streams.layers
-    activations: dict[str, ActivationQuant] = {}
     solved = []
     for index, layer in enumerate(layers):
         start = time.perf_counter()
-        with _phase(report, "activation scales"):
-            if layer.input_name not in activations:
-                activations[layer.input_name], report.activations[layer.input_name] = \
-                    _quantize_input(model, streams, index, config)
-        with _phase(report, "statistics"):
+        with phase("statistics"):
             solver = _accumulate(layer, streams, index, weights[layer.weight_name], config.compensation_blend)
-        with _phase(report, "solve"):
+        with phase("solve"):
             solution = solver.solve(bits[index], iterations=config.iterations, damping=config.damping)
-        weight_quant, float_params, quant_params = _layer_quant(layer, solution, weights, bits[index], config)
-        with _phase(report, "capture"):
-            if index + 1 < len(layers):
-                streams.advance(index, float_params=float_params, quant_params=quant_params)
+        input_scale = streams.quantizers[layer.input_name].scale
+        weight_quant, float_params, quant_params = _layer_quant(layer, solution, weights, bits[index], config,
+                                                                input_scale)
+        with phase("capture"):
+            streams.advance(index, float_params=float_params, quant_params=quant_params)
         solved.append(weight_quant)
         groups, rows, inputs = solution.q.shape
         report.layers.append(LayerReport(
@@ -113,7 +121,33 @@ def _solve_layers(model: onnx.ModelProto, streams: NetworkStreams, weights: dict
             solution.rel_error, solution.rtn_rel_error, time.perf_counter() - start))
         if progress:
             progress(index + 1, len(layers), layer.name)
-    return solved, list(activations.values())
+    return solved
+
+
+def choose_quantizer(decision: TensorQuant, batches: list[np.ndarray], config: QuantConfig) -> tuple[ActivationQuant, float]:
+    """The per-tensor quantizer of a tensor, by the MSE criterion on (a sample of) its values.
+
+    Returns:
+        (the quantizer, its relative error ||x - Q(x)||² / ||x||² on the values it was chosen on).
+    """
+    values = sample_values(batches)
+    levels = quant_range(config.abits, signed=False)[1]
+    zero_point = 0
+    if decision.fixed_range is not None:
+        low, high = decision.fixed_range
+        scale = (high - low) / (levels + 1)  # 1/256 for [0, 1], as QNN and onnxruntime's quantizer
+        zero_point = round(-low / scale)
+    elif decision.signed:
+        scale, zero_point = mse_affine(values, config.abits)
+    else:
+        scale = mse_scale(values, config.abits, signed=False)
+        if decision.upper_bound is not None:  # saturate where the Clip does
+            scale = min(scale, decision.upper_bound / levels)
+    if scale * levels < MIN_RANGE:  # QNN refuses narrower ranges (a constant or all-zero tensor)
+        scale = MIN_RANGE / levels
+    residual = values - fake_quant(values, scale, config.abits, False, zero_point)
+    error = float(residual @ residual / max(values @ values, 1e-30))
+    return ActivationQuant(decision.name, scale, zero_point, config.abits), error
 
 
 def layer_bits(config: QuantConfig, layers: list[LayerSpec], index: int) -> int:
@@ -125,27 +159,6 @@ def layer_bits(config: QuantConfig, layers: list[LayerSpec], index: int) -> int:
     if config.first_last_wbits is not None and index in (0, len(layers) - 1):
         return config.first_last_wbits
     return config.wbits
-
-
-def _quantize_input(model, streams: NetworkStreams, index: int, config: QuantConfig) -> tuple[ActivationQuant, float]:
-    """Choose the layer input's scale on the quantized stream's values and fake-quantize them there,
-    so every later layer sees what the deployed model computes.
-
-    Returns:
-        (the quantizer, its relative error on the values the scale was chosen on).
-    """
-    name = streams.layers[index].input_name
-    x_tilde, _ = streams.layer_inputs(index)
-    values = sample_values(x_tilde)
-    signed, zero_point = not is_non_negative(model, name), 0
-    if signed and config.asymmetric_activations:
-        signed = False
-        scale, zero_point = mse_affine(values, config.abits)
-    else:
-        scale = mse_scale(values, config.abits, signed)
-    streams.replace_quantized(name, [fake_quant(b, scale, config.abits, signed, zero_point) for b in x_tilde])
-    residual = values - fake_quant(values, scale, config.abits, signed, zero_point)
-    return ActivationQuant(name, scale, signed, zero_point), float(residual @ residual / max(values @ values, 1e-30))
 
 
 def _sensitivities(model, layers: list[LayerSpec], batches, weights: dict, config: QuantConfig) -> list[dict]:
@@ -161,13 +174,13 @@ def _sensitivities(model, layers: list[LayerSpec], batches, weights: dict, confi
             errors.append({bits: solver.solve(bits, iterations=SENSITIVITY_ITERATIONS, damping=config.damping).rel_error
                            for bits in BUDGET_BITS})
         params = {name: weights[name] for name in (layer.weight_name, layer.bias_name) if name}
-        if index + 1 < len(layers):
+        if index + 1 < len(layers):  # nothing after the last layer is measured
             streams.advance(index, float_params=params, quant_params=params)
     return errors
 
 
-def _budget_bits(model: onnx.ModelProto, prepared: onnx.ModelProto, layers: list[LayerSpec], weights: dict,
-                 sensitivity: list[dict], config: QuantConfig) -> tuple[list[int], list[str]]:
+def _budget_bits(model: onnx.ModelProto, prepared: onnx.ModelProto, layout: Layout, layers: list[LayerSpec],
+                 weights: dict, sensitivity: list[dict], config: QuantConfig) -> tuple[list[int], list[str]]:
     """Bits per layer so the output is within config.size_budget of the float model's size;
     layer_wbits overrides stay fixed. Everything but the weight storage is measured exactly by
     writing the model once with placeholder 4-bit weights."""
@@ -176,10 +189,11 @@ def _budget_bits(model: onnx.ModelProto, prepared: onnx.ModelProto, layers: list
         count, rows = weights[layer.weight_name].size, layer.weight_shape[layer.axis]
         override = _override(config, layer)
         costs.append(LayerCost(layer.name, count, rows, sensitivity[index] if override is None else {override: 0.0}))
-        bias = weights[layer.bias_name] if layer.bias_name else None
-        placeholders.append(WeightQuant(layer, 4, np.zeros(layer.weight_shape, np.int8), np.ones(rows, np.float32), bias))
-    activations = [ActivationQuant(name, 1.0, True) for name in dict.fromkeys(layer.input_name for layer in layers)]
-    overhead = write_qdq(prepared, placeholders, activations).ByteSize() - sum(
+        ones = np.ones(rows, np.float32)
+        bias = np.zeros(rows, np.int32) if layer.bias_name else None
+        placeholders.append(WeightQuant(layer, 4, np.zeros(layer.weight_shape, np.int8), ones, bias, ones))
+    quantizers = {name: ActivationQuant(name, 1.0) for name in [*layout.tensors, *layout.constants]}
+    overhead = write_qdq(prepared, layout, placeholders, quantizers).ByteSize() - sum(
         storage_bytes(cost.weights, cost.rows, 4) for cost in costs)
     try:
         return allocate_bits(costs, int(config.size_budget * model.ByteSize()) - overhead)
@@ -213,19 +227,44 @@ def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.nda
     return solver
 
 
-def _layer_quant(layer: LayerSpec, solution: LayerSolution, weights: dict, bits: int, config: QuantConfig):
-    """The layer's QDQ plan entry and its parameters in the float and the quantized network."""
+def _layer_quant(layer: LayerSpec, solution: LayerSolution, weights: dict, bits: int, config: QuantConfig,
+                 input_scale: float):
+    """The layer's QDQ plan entry and its parameters in the float and the quantized network.
+
+    The bias is stored as int32 on the grid of input scale x weight scale, the accumulator's own
+    scale, as integer kernels add it."""
+    q, alpha = solution.q.reshape(-1, solution.q.shape[-1]), solution.alpha.reshape(-1)
     float_params = {layer.weight_name: weights[layer.weight_name]}
-    quant_params = {layer.weight_name: layer.stored_weight(solution.dequantized())}
-    bias = None
+    bias = bias_scale = float_bias = None
     if layer.bias_name:
-        bias = weights[layer.bias_name]
-        float_params[layer.bias_name] = bias
+        float_bias = float_params[layer.bias_name] = weights[layer.bias_name]
         if config.bias_correction:
-            bias = (bias + layer.bias_gain * solution.bias_shift.reshape(-1)).astype(np.float32)
-        quant_params[layer.bias_name] = bias
-    weight_quant = WeightQuant(layer, bits, layer.stored_weight(solution.q), solution.alpha.reshape(-1), bias)
+            float_bias = float_bias + solution.bias_shift.reshape(-1)
+        q, alpha = fit_int32_bias(q, alpha, float_bias, input_scale)
+        bias_scale = (np.float32(input_scale) * alpha).astype(np.float32)
+        bias = np.rint(float_bias / bias_scale).astype(np.int32)
+    shape = solution.q.shape
+    quant_params = {layer.weight_name: layer.stored_weight((alpha[:, None] * q).astype(np.float32).reshape(shape))}
+    if bias is not None:
+        quant_params[layer.bias_name] = (bias * bias_scale).astype(np.float32)
+    weight_quant = WeightQuant(layer, bits, layer.stored_weight(q.reshape(shape)), alpha, bias, bias_scale)
     return weight_quant, float_params, quant_params
+
+
+def fit_int32_bias(q: np.ndarray, alpha: np.ndarray, bias: np.ndarray, input_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel integers (M, N) and scales (M,) whose bias grid, input_scale x alpha, holds
+    `bias` within int32: a channel whose bias is too large for its grid gets a larger scale and
+    its integers are rounded onto it (as onnxruntime's quantizer does), the others are unchanged.
+    Narrow activation scales (16 bits) and wide weights (8 bits) make the grid fine enough to
+    overflow."""
+    needed = np.abs(bias.astype(np.float64)) / (np.float64(input_scale) * INT32_BIAS_LIMIT)
+    grow = needed > alpha
+    if not grow.any():
+        return q, alpha
+    q, alpha = q.copy(), alpha.copy()
+    q[grow] = np.rint(q[grow] * (alpha[grow] / needed[grow])[:, None])
+    alpha[grow] = needed[grow]
+    return q.astype(np.int8), alpha.astype(np.float32)
 
 
 def _row_chunks(batch: np.ndarray, layer: LayerSpec) -> list[slice]:
@@ -239,10 +278,22 @@ def _row_chunks(batch: np.ndarray, layer: LayerSpec) -> list[slice]:
     return [slice(i, i + rows) for i in range(0, batch.shape[0], rows)]
 
 
-@contextmanager
-def _phase(report: Report, name: str):
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        report.phase_seconds[name] = report.phase_seconds.get(name, 0.0) + time.perf_counter() - start
+class _Clock:
+    """Wall time per phase into `seconds`; a phase entered inside another is not counted twice."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self.seconds = seconds
+        self.inner: list[float] = []
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        self.inner.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            own = elapsed - self.inner.pop()
+            self.seconds[name] = self.seconds.get(name, 0.0) + own
+            if self.inner:
+                self.inner[-1] += elapsed

@@ -2,24 +2,32 @@
 
 The prepared graph is cut before each quantized layer. Segment k holds the nodes from layer k up
 to (not including) layer k+1; its inputs are the cached tensors at the cut (the frontier), its
-outputs the tensors that later nodes read. Each segment is its own onnxruntime session with the
-layer's weight and bias as inputs, so one session serves both streams: the float stream with the
-float weights, the quantized stream with the solved ones. No pass ever restarts from the input,
-and the cache holds only the frontier.
+outputs the tensors that later nodes read. Each segment runs as its own onnxruntime session with
+the layer's weight and bias as inputs: the float stream with the float weights, the quantized
+stream with the solved ones and a QuantizeLinear/DequantizeLinear pair on every tensor the layout
+quantizes (layout.py), so the quantized stream computes what the written model computes. No pass
+ever restarts from the input, and the cache holds only the frontier.
+
+A tensor's quantizer is chosen when the float stream first produces it, from its float values,
+before the quantized stream runs the nodes that read it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 
+from .act_scale import fake_quant
 from .graph import LayerSpec
+from .layout import ActivationQuant, Layout, TensorQuant
 
 Batches = list[np.ndarray]
+Chooser = Callable[[TensorQuant, Batches], ActivationQuant]
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,7 @@ class Segment:
     model: onnx.ModelProto
     inputs: list[str]
     outputs: list[str]
+    kept: list[str]  # the outputs that later nodes read
 
 
 class NetworkStreams:
@@ -38,80 +47,133 @@ class NetworkStreams:
         model: a prepared model (graph.prepare), topologically sorted.
         layers: its quantized layers, in graph order.
         batches: calibration feeds, one dict per batch.
+        layout: the tensors to quantize; None runs the float network only (no quantizers).
+        choose: picks a tensor's quantizer from its float values (required with a layout).
         compensate: keep a separate quantized stream (error compensation); without it the
-            quantized stream is the float stream.
+            quantized stream is the float stream and quantizers are only chosen.
     """
 
-    def __init__(self, model: onnx.ModelProto, layers: list[LayerSpec],
-                 batches: list[dict[str, np.ndarray]], *, compensate: bool):
+    def __init__(self, model: onnx.ModelProto, layers: list[LayerSpec], batches: list[dict[str, np.ndarray]],
+                 *, layout: Layout | None = None, choose: Chooser | None = None, compensate: bool):
         self.model = model
         self.layers = layers
-        self.compensate = compensate
+        self.layout = layout or Layout()
+        self.choose = choose
+        self.compensate = compensate and layout is not None
         self.nodes = list(model.graph.node)
         position = {node.name: index for index, node in enumerate(self.nodes)}
         self.starts = [position[layer.name] for layer in layers]
         self.last_use = _last_uses(model)
         self.value_infos = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output]}
+        self.initializers = {t.name: t for t in model.graph.initializer}
         self.batch_count = len(batches)
+        self.quantizers: dict[str, ActivationQuant] = {}
         self.float_cache: dict[str, Batches] = {
             name: [batch[name] for batch in batches] for name in batches[0]}
-        self._run(self._segment(0, self.starts[0]), self.float_cache, {})
-        self.quant_cache = dict(self.float_cache) if compensate else self.float_cache
+        self.quant_cache = dict(self.float_cache) if self.compensate else self.float_cache
+        self._quantize_constants()
+        self._quantize_graph_inputs()
+        self._run_segment(0, self.starts[0], {}, {})
 
     def layer_inputs(self, index: int) -> tuple[Batches, Batches]:
         """(x_tilde, x): the input batches of layer `index` in the quantized and float streams."""
         name = self.layers[index].input_name
         return self.quant_cache[name], self.float_cache[name]
 
-    def replace_quantized(self, tensor_name: str, batches: Batches) -> None:
-        """Substitute a tensor's values in the quantized stream (e.g. fake-quantized)."""
-        if self.compensate:
-            self.quant_cache[tensor_name] = batches
-
     def advance(self, index: int, *, float_params: dict[str, np.ndarray],
                 quant_params: dict[str, np.ndarray]) -> None:
-        """Run segment `index` (layer `index` up to the next layer) on both streams.
+        """Run segment `index` (layer `index` up to the next layer, or to the end) on both streams;
+        after the last layer only the float stream runs, to choose the quantizers there.
 
         Args:
             float_params, quant_params: the layer's weight (and bias) by initializer name.
         """
-        stop = self.starts[index + 1] if index + 1 < len(self.layers) else len(self.nodes)
-        segment = self._segment(self.starts[index], stop, params=list(float_params))
-        self._run(segment, self.float_cache, float_params)
-        if self.compensate:
+        last = index + 1 == len(self.layers)
+        stop = len(self.nodes) if last else self.starts[index + 1]
+        self._run_segment(self.starts[index], stop, float_params, None if last else quant_params)
+
+    def _quantize_constants(self) -> None:
+        """Quantizers of the constant data inputs, and their quantized values for the quantized stream."""
+        self.quantized_constants = {}
+        for name, decision in self.layout.constants.items():
+            values = numpy_helper.to_array(self.initializers[name])
+            quantizer = self.quantizers[name] = self.choose(decision, [values])
+            self.quantized_constants[name] = numpy_helper.from_array(_fake_quant(values, quantizer), name)
+
+    def _quantize_graph_inputs(self) -> None:
+        for decision in self.layout.produced_in(-1, 0):
+            quantizer = self.quantizers[decision.name] = self.choose(decision, self.float_cache[decision.name])
+            if self.compensate:
+                self.quant_cache[decision.name] = [_fake_quant(b, quantizer) for b in self.quant_cache[decision.name]]
+
+    def _run_segment(self, start: int, stop: int, float_params: dict, quant_params: dict | None) -> None:
+        """Nodes [start, stop) on the float stream, the quantizers of the tensors they produce
+        chosen on its values, then (unless quant_params is None) the same nodes with those
+        quantizers on the quantized stream."""
+        produced = self.layout.produced_in(start, stop)
+        segment = self._segment(start, stop, list(float_params),
+                                extra_outputs={d.name for d in produced if d.shares is None})
+        values = self._run(segment, self.float_cache, float_params)
+        for decision in produced:
+            self.quantizers[decision.name] = (
+                self.choose(decision, values[decision.name]) if decision.shares is None
+                else replace(self.quantizers[decision.shares], tensor_name=decision.name))
+        del values
+        if self.compensate and quant_params is not None:
+            import os
+            if os.environ.get("BITSPLIT_QUANT_SCALES"):
+                chosen = [d for d in produced if d.shares is None]
+                segment = self._segment(start, stop, list(quant_params), extra_outputs={f"{d.name}.sim_float" for d in chosen},
+                                        quantizers=[self.quantizers[d.name] for d in produced])
+                values = self._run(segment, dict(self.quant_cache), quant_params)
+                for decision in produced:
+                    self.quantizers[decision.name] = (
+                        self.choose(decision, values[f"{decision.name}.sim_float"]) if decision.shares is None
+                        else replace(self.quantizers[decision.shares], tensor_name=decision.name))
+                del values
+            segment = self._segment(start, stop, list(quant_params),
+                                    quantizers=[self.quantizers[d.name] for d in produced])
             self._run(segment, self.quant_cache, quant_params)
         for cache in (self.float_cache, self.quant_cache) if self.compensate else (self.float_cache,):
             for name in [n for n in cache if self.last_use.get(n, -1) < stop]:
                 del cache[name]
 
-    def _run(self, segment: Segment, cache: dict[str, Batches], params: dict[str, np.ndarray]) -> None:
+    def _run(self, segment: Segment, cache: dict[str, Batches], params: dict[str, np.ndarray]) -> dict[str, Batches]:
+        """Run the segment on every batch; keep what later nodes read in `cache`, return all outputs."""
         if not segment.outputs:
-            return
+            return {}
         session = make_session(segment.model)
         results = [session.run(segment.outputs, {**{name: cache[name][i] for name in segment.inputs}, **params})
                    for i in range(self.batch_count)]
-        for position, name in enumerate(segment.outputs):
-            cache[name] = [result[position] for result in results]
+        outputs = {name: [result[position] for result in results] for position, name in enumerate(segment.outputs)}
+        cache.update({name: outputs[name] for name in segment.kept})
+        return outputs
 
-    def _segment(self, start: int, stop: int, params: list[str] = ()) -> Segment:
-        """Nodes [start, stop) as a model reading the frontier and `params`, writing what is read later."""
+    def _segment(self, start: int, stop: int, params: list[str], *, extra_outputs: set[str] = frozenset(),
+                 quantizers: list[ActivationQuant] | None = None) -> Segment:
+        """Nodes [start, stop) as a model reading the frontier and `params`, writing what is read
+        later and `extra_outputs`. With `quantizers` (the quantized stream) each of their tensors
+        goes through QuantizeLinear and DequantizeLinear before anything reads it, and quantized
+        constants replace the float ones."""
         nodes = self.nodes[start:stop]
         produced = {name for node in nodes for name in node.output}
-        initializers = {t.name: t for t in self.model.graph.initializer}
         read = list(dict.fromkeys(name for node in nodes for name in node.input if name))
-        inputs = [n for n in read if n not in produced and n not in initializers]
-        outputs = [n for n in dict.fromkeys(o for node in nodes for o in node.output)
-                   if self.last_use.get(n, -1) >= stop]
-        param_inputs = [helper.make_tensor_value_info(name, initializers[name].data_type,
-                                                      list(initializers[name].dims)) for name in params]
+        inputs = [n for n in read if n not in produced and n not in self.initializers]
+        kept = [n for n in dict.fromkeys(o for node in nodes for o in node.output) if self.last_use.get(n, -1) >= stop]
+        outputs = kept + sorted(extra_outputs - set(kept))
+        param_inputs = [helper.make_tensor_value_info(name, self.initializers[name].data_type,
+                                                      list(self.initializers[name].dims)) for name in params]
+        constants = [self.initializers[n] for n in read if n in self.initializers and n not in params]
+        if quantizers is not None:
+            nodes = _with_quantizers(nodes, quantizers)
+            constants = [self.quantized_constants.get(c.name, c) for c in constants]
+            constants += [t for q in quantizers for t in _quantizer_constants(q)]
         graph = helper.make_graph(
             nodes, f"segment_{start}",
             [self._value_info(name) for name in inputs] + param_inputs,
-            [self._value_info(name, typed=False) for name in outputs],
-            [initializers[n] for n in read if n in initializers and n not in params],
-        )
+            [self._value_info(name, typed=False) for name in outputs], constants)
         model = helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
-        return Segment(model, inputs, outputs)
+        return Segment(model, inputs, outputs, kept)
 
     def _value_info(self, name: str, typed: bool = True) -> onnx.ValueInfoProto:
         """The tensor's inferred type with its shape dropped (batch and sizes vary); for a frontier
@@ -127,6 +189,41 @@ class NetworkStreams:
             if graph_input is not None:
                 return graph_input
         return onnx.ValueInfoProto(name=name)
+
+
+def quantizer_dtype(quantizer: ActivationQuant) -> type:
+    """The integer type of an activation quantizer: uint8 or uint16."""
+    return {8: np.uint8, 16: np.uint16}[quantizer.bits]
+
+
+def _fake_quant(values: np.ndarray, quantizer: ActivationQuant) -> np.ndarray:
+    return fake_quant(values, quantizer.scale, quantizer.bits, False, quantizer.zero_point)
+
+
+def _quantizer_constants(quantizer: ActivationQuant) -> list[onnx.TensorProto]:
+    name = quantizer.tensor_name
+    return [numpy_helper.from_array(np.array(quantizer.scale, np.float32), f"{name}.sim_scale"),
+            numpy_helper.from_array(np.array(quantizer.zero_point, quantizer_dtype(quantizer)), f"{name}.sim_zero_point")]
+
+
+def _with_quantizers(nodes: list[onnx.NodeProto], quantizers: list[ActivationQuant]) -> list[onnx.NodeProto]:
+    """The nodes with each quantized tensor renamed at its producer and restored by a Q/DQ pair."""
+    quantized = {q.tensor_name for q in quantizers}
+    result = []
+    for node in nodes:
+        outputs = [name for name in node.output if name in quantized]
+        if not outputs:
+            result.append(node)
+            continue
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.output[:] = [f"{name}.sim_float" if name in quantized else name for name in node.output]
+        result.append(copy)
+        for name in outputs:
+            args = [f"{name}.sim_scale", f"{name}.sim_zero_point"]
+            result += [helper.make_node("QuantizeLinear", [f"{name}.sim_float", *args], [f"{name}.sim_quantized"]),
+                       helper.make_node("DequantizeLinear", [f"{name}.sim_quantized", *args], [name])]
+    return result
 
 
 def make_session(model: onnx.ModelProto) -> ort.InferenceSession:

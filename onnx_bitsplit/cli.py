@@ -126,8 +126,6 @@ def image_options(command):
 @click.option("--equalize/--no-equalize", "equalization", default=False, show_default=True,
               help="Fold per-channel factors into each Conv -> Conv pair so activations and weights "
                    "quantize with less loss (the paper's ECAQ).")
-@click.option("--asymmetric-activations/--symmetric-activations", default=False, show_default=True,
-              help="Signed activations as uint8 with a zero point instead of symmetric int8.")
 @click.option("--iterations", default=10, show_default=True, type=int,
               help="Most alternations of scales and bit-plane sweeps per layer.")
 @click.option("--damping", default=0.3, show_default=True, type=float,
@@ -143,7 +141,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
                      mean: str | None, std: str | None, input_size: str | None, wbits: int, abits: int, first_last_wbits: str,
                      layer_bits: tuple[str, ...], size_budget: float | None, error_compensation: bool, compensation_blend: float,
                      bias_correction: bool, equalization: bool,
-                     asymmetric_activations: bool, iterations: int, damping: float, batch_size: int, report_path: Path | None,
+                     iterations: int, damping: float, batch_size: int, report_path: Path | None,
                      external_data: bool, quiet: bool):
     """Quantize a float ONNX model to a low-bit QDQ model with Bit-Split and Stitching."""
     with _one_line_errors():
@@ -153,7 +151,6 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
             layer_wbits=_layer_bits(layer_bits), size_budget=size_budget, error_compensation=error_compensation,
             compensation_blend=compensation_blend,
             bias_correction=bias_correction, equalization=equalization,
-            asymmetric_activations=asymmetric_activations,
             iterations=iterations, damping=damping,
             batch_size=batch_size, calib_count=calib_count)
         _check_paths(input_path, output_path)

@@ -8,7 +8,8 @@ from .errors import BitsplitError
 
 MIN_BITS = 2
 MAX_BITS = 8
-ACTIVATION_BITS = 8
+ACTIVATION_BITS = (8, 16)  # the integer types of QuantizeLinear at opset 21
+WEIGHT_STORAGE = ("int4", "int8")
 
 
 def _check_bits(what: str, bits: int) -> None:
@@ -22,7 +23,7 @@ class QuantConfig:
 
     Attributes:
         wbits: weight bits of the quantized layers. Defaults to 4.
-        abits: activation bits (per tensor); 8, the width of int8/uint8 QuantizeLinear. Defaults to 8.
+        abits: activation bits (per tensor): 8 (int8/uint8) or 16 (int16/uint16). Defaults to 8.
         first_last_wbits: weight bits of the first and last quantized layer; None keeps them at
             `wbits`. Defaults to 8 (the paper's setting).
         layer_wbits: weight bits by node name or fnmatch pattern ('*depthwise*'), or for every
@@ -40,8 +41,6 @@ class QuantConfig:
         bias_correction: shift each bias by the mean output error of its layer. Defaults to True.
         equalization: fold per-channel factors into each Conv -> Conv pair (the paper's ECAQ,
             equalize.py) before solving. Defaults to False.
-        asymmetric_activations: quantize signed activations as uint8 with a zero point instead of
-            symmetric int8 (non-negative ones are uint8 either way). Defaults to False.
         iterations: at most this many alternations of scales and bit-plane sweeps; 0 keeps the
             round-to-nearest integers and scales of the initialisation. Defaults to 10.
         damping: ridge on the Gram matrices, as a fraction of their mean diagonal; it pulls the
@@ -49,6 +48,12 @@ class QuantConfig:
             error compensation from fitting the calibration set (README, ablation). Defaults to 0.3.
         batch_size: calibration samples run through onnxruntime at once. Defaults to 16.
         calib_count: use at most this many calibration samples. Defaults to 256.
+        input_shapes: static shapes for the model's inputs by name, e.g. {"input": (1, 3, 224, 224)};
+            the output has them and calibration runs at them (NPUs need static shapes).
+            Defaults to none: dynamic dimensions stay dynamic.
+        weight_storage: "int4" stores weights of 2 to 4 bits as INT4 (the smallest file, for
+            NPUs and disk), "int8" stores the same values as INT8, which CPU runtimes run with
+            integer kernels. Wider weights are INT8 either way. Defaults to "int4".
     """
 
     wbits: int = 4
@@ -60,16 +65,22 @@ class QuantConfig:
     compensation_blend: float = 0.5
     bias_correction: bool = True
     equalization: bool = False
-    asymmetric_activations: bool = False
     iterations: int = 10
     damping: float = 0.3
     batch_size: int = 16
     calib_count: int = 256
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    weight_storage: str = "int4"
 
     def __post_init__(self) -> None:
         _check_bits("wbits", self.wbits)
-        if self.abits != ACTIVATION_BITS:  # QuantizeLinear saturates at the int8/uint8 range
-            raise BitsplitError(f"abits: only {ACTIVATION_BITS}-bit activations are supported, got {self.abits!r}")
+        if self.abits not in ACTIVATION_BITS:  # QuantizeLinear saturates at its integer type's range
+            raise BitsplitError(f"abits must be 8 or 16, got {self.abits!r}")
+        if self.weight_storage not in WEIGHT_STORAGE:
+            raise BitsplitError(f"weight_storage must be int4 or int8, got {self.weight_storage!r}")
+        for name, shape in self.input_shapes.items():
+            if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+                raise BitsplitError(f"input shape of '{name}' must be positive integers, got {shape!r}")
         if self.first_last_wbits is not None:
             _check_bits("first_last_wbits", self.first_last_wbits)
         for name, bits in self.layer_wbits.items():

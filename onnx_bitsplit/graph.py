@@ -1,19 +1,24 @@
 """Graph preparation and the choice of layers to quantize.
 
-prepare() turns a float model into the form the rest of the tool relies on: opset 21, constants
-folded into initializers, BatchNormalization folded into the Conv before it, every quantizable
-layer with a bias, nodes named, topologically sorted, shapes inferred. find_layers() then returns a
-LayerSpec for each Conv, Gemm and MatMul whose weight is a constant.
+prepare() turns a float model into the form the rest of the tool relies on: opset 21, input shapes
+made static where asked, onnxruntime's basic offline optimizations applied (constant folding,
+shape subgraphs included, Pad folded into Conv, Conv+Add/Mul/BatchNormalization fusion; standard
+operators only), BatchNormalization folded into the Conv before it, every quantizable layer with a
+bias, nodes named, topologically sorted, shapes inferred. find_layers() then returns a LayerSpec
+for each Conv, Gemm and MatMul whose weight is a constant.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from onnx import version_converter
 
 from .errors import ModelError
@@ -26,13 +31,18 @@ IR_VERSION = 10  # the first IR version with INT4, so older runtimes still load 
 QUANTIZED_OPS = {
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
     "ConvInteger", "MatMulInteger",
+    # onnxruntime's contrib operators (com.microsoft) on quantized data
+    "MatMulNBits", "MatMulBnb4", "MatMulFpQ4", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QGemm",
+    "QAttention", "QEmbedLayerNormalization", "QOrderedMatMul", "GatherBlockQuantized",
 }
+QUANTIZED_PREFIXES = ("QLinear", "QOrdered")
 # Ops whose output is non-negative whenever their first input is.
 SIGN_PRESERVING_OPS = {
     "Pad", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Flatten",
     "Transpose", "Identity", "Squeeze", "Unsqueeze", "Resize", "Upsample", "Slice", "Gather",
     "SpaceToDepth", "DepthToSpace",
 }
+PROTOBUF_SAFE = 2**30  # above this, the optimizer's copy goes through external data
 FLOAT_LAYER_OPS = {"ConvTranspose", "LSTM", "GRU", "RNN", "Einsum"}  # weighted, reported as kept in float
 NON_NEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp", "Softplus"}
 
@@ -49,8 +59,6 @@ class LayerSpec:
         weight_shape: the stored weight's shape.
         axis: the output-channel axis of the stored weight (the DequantizeLinear axis).
         geometry: Conv attributes; None for Gemm and MatMul.
-        bias_gain: output change per unit of W·x divided by the bias's own factor
-            (Gemm alpha / beta, else 1), so a mean output error maps to a bias shift.
         weight_index: the node input that holds the weight (0 for a constant-left MatMul).
     """
 
@@ -62,7 +70,6 @@ class LayerSpec:
     weight_shape: tuple[int, ...]
     axis: int
     geometry: ConvGeometry | None = None
-    bias_gain: float = 1.0
     weight_index: int = 1
 
     @property
@@ -93,19 +100,92 @@ class LayerSpec:
         return dense_patches(x.swapaxes(-1, -2) if self.weight_index == 0 else x)
 
 
-def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` in the canonical form described in the module docstring."""
-    quantized = sorted({n.op_type for n in model.graph.node} & QUANTIZED_OPS)
+def prepare(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
+    """A copy of `model` in the canonical form described in the module docstring.
+
+    Args:
+        input_shapes: static shapes for some of the model's inputs (by name); each must have the
+            input's rank and agree with its fixed dimensions.
+    """
+    quantized = sorted({op for op in _op_types(model.graph)
+                        if op in QUANTIZED_OPS or op.startswith(QUANTIZED_PREFIXES)})
     if quantized:
         raise ModelError(f"the model is already quantized (it has {', '.join(quantized)} nodes)")
-    model = _to_opset(model)
+    if input_shapes:
+        model = _copy(model)
+        set_input_shapes(model, input_shapes)
+    # onnxruntime's fusions list the opset versions they know: run them at the model's own opset
+    model = _to_opset(_optimize(model))
     with gs.logger.G_LOGGER.suppress():  # its findings reach the user as our errors, or not at all
         graph = gs.import_onnx(model)
         _name_nodes(graph)
         graph.fold_constants().cleanup().toposort()
         _fold_batch_norms(graph)
+        _fold_gemm_factors(graph)
         _add_missing_biases(graph)
         return export(graph)
+
+
+def _op_types(graph: onnx.GraphProto):
+    """The op type of every node, subgraphs (If, Loop, Scan bodies) included."""
+    for node in graph.node:
+        yield node.op_type
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                yield from _op_types(subgraph)
+
+
+def set_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Make the named inputs static, in place; output shapes are left to inference.
+
+    Raises:
+        ModelError: for an unknown input, another rank, or a clash with a fixed dimension.
+    """
+    inputs = {i.name: i for i in model.graph.input}
+    for name, shape in shapes.items():
+        if name not in inputs:
+            raise ModelError(f"--input-shape: the model has no input '{name}' (inputs: {', '.join(inputs)})")
+        dims = inputs[name].type.tensor_type.shape.dim
+        fixed = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+        if len(shape) != len(fixed) or any(f is not None and f != s for f, s in zip(fixed, shape)):
+            wanted = "x".join(str(f) if f else "?" for f in fixed)
+            raise ModelError(f"--input-shape {'x'.join(map(str, shape))} does not fit input '{name}' of shape {wanted}")
+        for dim, size in zip(dims, shape):
+            dim.Clear()
+            dim.dim_value = size
+    for output in model.graph.output:  # stale symbolic dims would clash with the inferred ones
+        output.type.tensor_type.ClearField("shape")
+    del model.graph.value_info[:]
+
+
+def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's basic-level offline optimizations (all of them produce standard operators),
+    with the opset imports they add but do not use removed."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 4
+    with tempfile.TemporaryDirectory(prefix="onnx-bitsplit-") as folder:
+        source, target = Path(folder) / "model.onnx", Path(folder) / "optimized.onnx"
+        onnx.save(model, source, save_as_external_data=model.ByteSize() > PROTOBUF_SAFE,
+                  location="model.data")
+        options.optimized_model_filepath = str(target)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         "optimized.data")
+        try:
+            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+        optimized = onnx.load(str(target))
+    used = {node.domain or "" for node in optimized.graph.node}
+    kept = [o for o in optimized.opset_import if (o.domain or "") in used | {"", "ai.onnx"}]
+    del optimized.opset_import[:]
+    optimized.opset_import.extend(kept)
+    return optimized
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def export(graph: gs.Graph) -> onnx.ModelProto:
@@ -125,13 +205,17 @@ def _to_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     if version is None:
         raise ModelError("the model imports no default-domain ONNX opset")
     if version >= OPSET:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
+        return model
     try:
         return version_converter.convert_version(model, OPSET)
     except Exception as exc:
         raise ModelError(f"cannot convert the model from opset {version} to {OPSET}: {exc}") from None
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def _name_nodes(graph: gs.Graph) -> None:
@@ -170,6 +254,22 @@ def _fold_batch_norms(graph: gs.Graph) -> None:
         conv.outputs = [bn.outputs[0]]
         bn.outputs.clear()
     graph.cleanup().toposort()
+
+
+def _fold_gemm_factors(graph: gs.Graph) -> None:
+    """Gemm's alpha into its constant weight and beta into its constant bias: integer kernels
+    fuse a Gemm whose bias is added as it is (onnxruntime's QGemm wants beta = 1)."""
+    for node in graph.nodes:
+        constant = [isinstance(t, gs.Constant) for t in node.inputs[1:]]
+        if node.op != "Gemm" or not constant or not all(constant):
+            continue
+        alpha, beta = node.attrs.pop("alpha", 1.0), node.attrs.pop("beta", 1.0)
+        weight = node.inputs[1]
+        node.inputs[1] = gs.Constant(f"{node.name}.weight_alpha", (weight.values * alpha).astype(weight.dtype))
+        if len(node.inputs) > 2:
+            bias = node.inputs[2]
+            node.inputs[2] = gs.Constant(f"{node.name}.bias_beta", (bias.values * beta).astype(bias.dtype))
+    graph.cleanup()
 
 
 def _add_missing_biases(graph: gs.Graph) -> None:
@@ -250,8 +350,7 @@ def _layer_spec(node, weight, weight_index: int) -> LayerSpec:
                          _conv_geometry(attrs, shape))
     if node.op_type == "Gemm":
         axis = 0 if attrs.get("transB", 0) else 1
-        gain = attrs.get("alpha", 1.0) / attrs.get("beta", 1.0)
-        return LayerSpec(node.name, "Gemm", node.input[0], weight.name, bias_name, shape, axis, None, gain)
+        return LayerSpec(node.name, "Gemm", node.input[0], weight.name, bias_name, shape, axis)
     # MatMul: x @ W has its outputs along W's axis 1; W @ x along W's axis 0
     return LayerSpec(node.name, "MatMul", node.input[1 - weight_index], weight.name, None, shape,
                      axis=weight_index, weight_index=weight_index)

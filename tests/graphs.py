@@ -259,3 +259,50 @@ def feeds_for(model: onnx.ModelProto, count: int, seed: int = 1, sizes=None) -> 
             feed[value.name] = rng.normal(0, 1, shape).astype(np.float32)
         feeds.append(feed)
     return feeds
+
+
+# op -> (extra inputs as initializers, attributes) for op_between_convs
+BETWEEN = {
+    "Relu": ({}, {}), "LeakyRelu": ({}, {"alpha": 0.1}), "Sigmoid": ({}, {}), "HardSigmoid": ({}, {}),
+    "HardSwish": ({}, {}), "Tanh": ({}, {}), "Softmax": ({}, {"axis": 1}),
+    "Clip": ({"low": np.float32(0.0), "high": np.float32(1.0)}, {}),
+    "MaxPool": ({}, {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+    "AveragePool": ({}, {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+    "GlobalAveragePool": ({}, {}),
+    "Resize": ({"roi": np.zeros(0, np.float32), "scales": np.array([1, 1, 2, 2], np.float32)}, {"mode": "nearest"}),
+    "Reshape": ({"shape": np.array([0, 4, 2, 32], np.int64)}, {}),
+    "Transpose": ({}, {"perm": [0, 1, 3, 2]}),
+    "Pad": ({"pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)}, {"mode": "reflect"}),
+    "Add": ({}, {}), "Mul": ({}, {}), "Concat": ({}, {"axis": 1}),
+    "Mul by constant": ({"factor": np.linspace(-1.0, 2.0, 64, dtype=np.float32).reshape(1, 1, 8, 8)}, {}),
+}
+
+
+def op_between_convs(op: str) -> onnx.ModelProto:
+    """
+        x [N,4,8,8] -> Conv 3x3 (4->4) -> c -> OP -> o -> Conv 1x1 (4 or 8 -> 4) -> y
+    Add, Mul and Concat take (c, x): a residual, a gate, a skip connection; "Mul by constant"
+    multiplies c by a spatial constant (a per-channel one would be folded into conv1).
+    """
+    rng = np.random.default_rng(0)
+    constants, attrs = BETWEEN[op]
+    op_type = op.split()[0]
+    inputs = ["c", *constants] if op_type not in ("Add", "Mul", "Concat") or constants else ["c", INPUT]
+    if op_type == "Clip":
+        inputs = ["c", "low", "high"]
+    width = 8 if op_type == "Concat" else 4
+    init = {"w1": rng.normal(0, 0.3, (4, 4, 3, 3)), "b1": rng.normal(0, 0.1, 4),
+            "w2": rng.normal(0, 0.3, (4, width, 1, 1)), "b2": rng.normal(0, 0.1, 4)}
+    nodes = [
+        helper.make_node("Conv", [INPUT, "w1", "b1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node(op_type, inputs, ["o"], name="op", **attrs),
+        helper.make_node("Conv", ["o", "w2", "b2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "between", [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, None, None])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in init.items()]
+        + [numpy_helper.from_array(v, k) for k, v in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(model)
+    return model

@@ -30,7 +30,8 @@ def outputs(model, feeds):
 
 
 def sqnr_db(reference, test):
-    return 10 * np.log10((reference ** 2).sum() / ((reference - test) ** 2).sum())
+    noise = ((reference - test) ** 2).sum()
+    return 10 * np.log10((reference ** 2).sum() / noise) if noise > 0 else np.inf
 
 
 @pytest.mark.parametrize("kind", BUILDERS)
@@ -45,22 +46,25 @@ def test_w8_is_close_to_float_in_onnxruntime(kind):
 
 
 @pytest.mark.parametrize("kind", ["conv", "depthwise_conv", "gemm", "matmul"])
-def test_w4_stores_int4_weights_with_per_channel_scales(kind):
+def test_w4_stores_int4_weights_with_per_channel_scales_and_int32_biases(kind):
     model = BUILDERS[kind]()
-    quantized, report = quantize(model, calibration_feeds(model),
-                                 QuantConfig(wbits=4, first_last_wbits=None))
-    layers = len(report.layers)
-    ops = collections.Counter(node.op_type for node in quantized.graph.node)
-    # one DequantizeLinear per weight, one Q/DQ pair per distinct layer input
-    assert ops["QuantizeLinear"] == len(report.activations) == layers
-    assert all(0 < error < 1e-3 for error in report.activations.values())  # 8 bits: ~40 dB or better
-    assert ops["DequantizeLinear"] == 2 * layers
+    quantized, report = quantize(model, calibration_feeds(model), QuantConfig(wbits=4, first_last_wbits=None))
     initializers = {t.name: t for t in quantized.graph.initializer}
-    for node in quantized.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
-            weight, scale = initializers[node.input[0]], initializers[node.input[1]]
-            assert weight.data_type == onnx.TensorProto.INT4
-            assert len(scale.dims) == 1 and scale.dims[0] == weight.dims[node.attribute[0].i]
+    producers = {output: node for node in quantized.graph.node for output in node.output}
+    quantized_layers = [n for n in quantized.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert len(quantized_layers) == len(report.layers)
+    for node in quantized_layers:
+        activation, weight, *bias = [producers[name] for name in node.input]
+        assert all(dq.op_type == "DequantizeLinear" for dq in (activation, weight, *bias))
+        weight_scale = onnx.numpy_helper.to_array(initializers[weight.input[1]])
+        assert initializers[weight.input[0]].data_type == onnx.TensorProto.INT4
+        assert weight_scale.shape == (initializers[weight.input[0]].dims[weight.attribute[0].i],)
+        if bias:  # int32 on the accumulator's grid: input scale x weight scale
+            input_scale = onnx.numpy_helper.to_array(initializers[activation.input[1]])
+            assert initializers[bias[0].input[0]].data_type == onnx.TensorProto.INT32
+            np.testing.assert_allclose(onnx.numpy_helper.to_array(initializers[bias[0].input[1]]),
+                                       input_scale * weight_scale, rtol=1e-6)
+    assert all(0 < error < 1e-3 for error in report.activations.values())  # 8 bits: ~40 dB or better
     held_out = calibration_feeds(model, count=8, seed=7)
     assert sqnr_db(outputs(model, held_out), outputs(quantized, held_out)) > 10
 

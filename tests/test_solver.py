@@ -80,8 +80,9 @@ def test_statistics_do_not_depend_on_batching(rng):
     whole.add_batch(x_tilde, x)
     for rows in np.array_split(np.arange(x.shape[1]), 7):
         parts.add_batch(x_tilde[:, rows], x[:, rows])
-    np.testing.assert_allclose(parts.G, whole.G, rtol=1e-4)
-    np.testing.assert_allclose(parts.C, whole.C, rtol=1e-4)
+    # float32 sums in another order differ by rounding relative to the matrix, not to each entry
+    for batched, at_once in ((parts.G, whole.G), (parts.C, whole.C)):
+        assert np.abs(batched - at_once).max() <= 1e-5 * np.abs(at_once).max()
     np.testing.assert_array_equal(parts.solve(4).q, whole.solve(4).q)
 
 

@@ -57,7 +57,6 @@ TECHNIQUES = {
     "damping0.01": dict(damping=0.01),
     "damping0.1": dict(damping=0.1),
     "damping1": dict(damping=1.0),
-    "asymmetric": dict(asymmetric_activations=True),
     "equalize": dict(equalization=True),
     "depthwise8": dict(layer_wbits={"@depthwise": 8}),
 }

@@ -73,7 +73,6 @@ def main() -> int:
     parser.add_argument("--eval-count", type=int, default=32)
     parser.add_argument("--models", default="det,cls")
     parser.add_argument("--wbits", default="8,4")
-    parser.add_argument("--asymmetric-activations", action="store_true")
     parser.add_argument("--compensation-blend", type=float, default=QuantConfig.compensation_blend)
     parser.add_argument("--equalize", action="store_true")
     args = parser.parse_args()
@@ -92,7 +91,6 @@ def main() -> int:
             start = time.perf_counter()
             quantized, report = quantize(model, calibration,
                                          QuantConfig(wbits=wbits, calib_count=args.calib_count, batch_size=8,
-                                                     asymmetric_activations=args.asymmetric_activations,
                                                      compensation_blend=args.compensation_blend,
                                                      equalization=args.equalize))
             seconds = time.perf_counter() - start

@@ -1,0 +1,225 @@
+"""Where the quantizers go: the node units of a prepared graph.
+
+Runtimes run QDQ graphs as integer kernels one "node unit" at a time: DequantizeLinear on every
+data input of an operator, the operator, QuantizeLinear on each of its outputs (onnxruntime's
+QLinearConv/QGemm/QLinearAdd... fusions, QNN HTP's op builders, OpenVINO's low-precision
+transformations). plan_layout() decides, once, which tensors are quantized so that every operator
+of UNIT_OPS is such a unit; capture.py simulates exactly this decision and qdq.py writes it.
+
+Rules, as onnxruntime's own QDQ quantizer applies them:
+- every float input and output of a unit operator is quantized, once per tensor, whoever else
+  reads it (operators outside UNIT_OPS read the dequantized value and run in float);
+- data-movement operators (SAME_SCALE_OPS) give their output their input's quantizer: their
+  output values lie on the input's grid, and runtimes run them on the integers unchanged (with
+  other parameters onnxruntime and QNN run them in float);
+- a Relu, or a Clip from 0, whose input has no other reader disappears into the quantizer of its
+  output: a quantizer with zero point 0 and qmax·scale <= the Clip's top saturates exactly as the
+  operator does (a runtime fuses Conv -> Relu/Clip -> Q only when the Q makes them redundant);
+- operators with a fixed output range (Sigmoid, Softmax, Tanh, HardSigmoid, a Clip below 0) get a
+  quantizer spanning exactly that range, as QNN's 16-bit kernels require;
+- constant data inputs of units (an Add's or Mul's operand) become per-tensor integer constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from .graph import LayerSpec, is_non_negative
+
+# operator -> positions of its data inputs (the rest are parameters: shapes, pads, scales, roi...)
+UNIT_OPS: dict[str, tuple[int, ...]] = {
+    "Conv": (0,), "Gemm": (0,), "MatMul": (0, 1),
+    "Add": (0, 1), "Mul": (0, 1), "Concat": (), "Sum": (),
+    "AveragePool": (0,), "GlobalAveragePool": (0,), "MaxPool": (0,), "GlobalMaxPool": (0,),
+    "Resize": (0,), "Reshape": (0,), "Flatten": (0,), "Transpose": (0,), "Squeeze": (0,),
+    "Unsqueeze": (0,), "Pad": (0,), "Slice": (0,), "Split": (0,), "Gather": (0,),
+    "DepthToSpace": (0,), "SpaceToDepth": (0,),
+    "Relu": (0,), "Clip": (0,), "LeakyRelu": (0,), "Sigmoid": (0,), "HardSigmoid": (0,),
+    "HardSwish": (0,), "Tanh": (0,), "Softmax": (0,), "Sub": (0, 1), "Div": (0, 1), "ReduceMean": (0,),
+    "Expand": (0,), "Tile": (0,), "GatherElements": (0,),
+}
+ALL_INPUTS = {"Concat", "Sum"}  # every input is data
+# Values stay on the input's grid: the output shares the input's quantizer.
+SAME_SCALE_OPS = {
+    "MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Pad",
+    "Slice", "Split", "Gather", "GatherElements", "DepthToSpace", "SpaceToDepth", "Resize", "Expand",
+    "Tile",
+}
+REMOVABLE_OPS = {"Relu", "Clip"}
+OUTPUT_RANGES = {"Sigmoid": (0.0, 1.0), "HardSigmoid": (0.0, 1.0), "Softmax": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """The decision to quantize one activation tensor (per tensor); its scale comes later.
+
+    Attributes:
+        name: the tensor.
+        signed: it can be negative (its quantizer gets a zero point); non-negative tensors
+            have zero point 0.
+        shares: the tensor whose quantizer this one takes over (SAME_SCALE_OPS), or None.
+        removed_node: a Relu/Clip folded into this quantizer: the QuantizeLinear reads that
+            node's input, and the node is left out of the written graph.
+        upper_bound: the top of the Clip producing the tensor; the scale must keep
+            qmax·scale <= upper_bound so that the quantizer saturates where the Clip does.
+        fixed_range: (low, high) of an operator with a bounded output: the quantizer spans it.
+    """
+
+    name: str
+    signed: bool
+    shares: str | None = None
+    removed_node: str | None = None
+    upper_bound: float | None = None
+    fixed_range: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """A chosen per-tensor quantizer in the unsigned integers of `bits` bits (uint8, uint16):
+    x ≈ scale · (clip(round(x / scale) + zero_point) - zero_point). One unsigned type for every
+    tensor, as runtimes fuse a unit only when its input and output types agree; signed tensors
+    get a zero point."""
+
+    tensor_name: str
+    scale: float
+    zero_point: int = 0
+    bits: int = 8
+
+
+@dataclass
+class Layout:
+    """Every quantized tensor of a graph, in the order of the nodes that produce them.
+
+    Attributes:
+        tensors: name -> TensorQuant; graph inputs first, then in node order.
+        constants: initializers that are data inputs of units (an Add's operand), quantized per
+            tensor like activations.
+        producers: tensor name -> index of the node producing it (graph inputs: -1).
+    """
+
+    tensors: dict[str, TensorQuant] = field(default_factory=dict)
+    constants: dict[str, TensorQuant] = field(default_factory=dict)
+    producers: dict[str, int] = field(default_factory=dict)
+
+    def produced_in(self, start: int, stop: int) -> list[TensorQuant]:
+        """The quantized tensors whose producer is one of nodes [start, stop)."""
+        return [t for t in self.tensors.values() if start <= self.producers[t.name] < stop]
+
+
+def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec]) -> Layout:
+    """The node units of a prepared model whose quantized layers are `layers`."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    floats = _float_tensors(model)
+    producers = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    producers.update({i.name: -1 for i in graph.input if i.name not in initializers})
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    layer_inputs = {layer.name: layer.input_name for layer in layers}
+
+    units = [node for node in graph.node if _is_unit(node, layer_inputs, initializers)]
+    quantized, constants = set(), {}
+    for node in units:
+        for name in _data_inputs(node, layer_inputs):
+            if name in initializers:
+                if initializers[name].data_type == onnx.TensorProto.FLOAT:
+                    values = onnx.numpy_helper.to_array(initializers[name])
+                    constants[name] = TensorQuant(name, signed=bool((values < 0).any()))
+            elif name in floats:
+                quantized.add(name)
+        quantized.update(name for name in node.output if name in floats)
+    removed = {node.input[0]: node for node in units if _removable(node, producers, readers, outputs, initializers)}
+    quantized -= removed.keys()  # inside a fused unit: never materialised by an integer runtime
+
+    decided: dict[str, TensorQuant] = {}
+    for name in sorted(quantized, key=lambda n: producers.get(n, -1)):
+        if name not in producers:  # read but produced nowhere: a malformed graph onnxruntime refuses
+            continue
+        node = graph.node[producers[name]] if producers[name] >= 0 else None
+        source = node.input[0] if node is not None and node.input else None
+        if node is not None and node.op_type in SAME_SCALE_OPS and source in decided:
+            decided[name] = TensorQuant(name, decided[source].signed, shares=_root(source, decided))
+        else:
+            decided[name] = _own_quantizer(model, name, node, removed, initializers)
+    return Layout(decided, constants, {name: producers[name] for name in decided})
+
+
+def _own_quantizer(model, name: str, node: onnx.NodeProto | None, removed: dict, initializers) -> TensorQuant:
+    """The decision for a tensor with a quantizer of its own."""
+    if node is None:
+        return TensorQuant(name, not is_non_negative(model, name))
+    removed_node = node.name if removed.get(node.input[0] if node.input else None) is node else None
+    bounds = _clip_bounds(node, initializers) if node.op_type in REMOVABLE_OPS else None
+    if bounds is not None and bounds[0] == 0.0:
+        return TensorQuant(name, False, removed_node=removed_node, upper_bound=bounds[1])
+    if bounds is not None and bounds[1] is not None and bounds[0] < 0.0 < bounds[1]:
+        return TensorQuant(name, True, fixed_range=(bounds[0], bounds[1]))
+    if node.op_type in OUTPUT_RANGES:
+        low, high = OUTPUT_RANGES[node.op_type]
+        return TensorQuant(name, low < 0, fixed_range=(low, high))
+    return TensorQuant(name, not is_non_negative(model, name))
+
+
+def _removable(node: onnx.NodeProto, producers, readers, outputs, initializers) -> bool:
+    """A Relu, or Clip from 0 with constant bounds, that is its input's only reader."""
+    if node.op_type not in REMOVABLE_OPS:
+        return False
+    source = node.input[0]
+    bounds = _clip_bounds(node, initializers)
+    return (bounds is not None and bounds[0] == 0.0 and producers.get(source, -1) >= 0
+            and len(readers.get(source, [])) == 1 and source not in outputs)
+
+
+def _root(name: str, decided: dict[str, TensorQuant]) -> str:
+    while decided[name].shares is not None:
+        name = decided[name].shares
+    return name
+
+
+def _clip_bounds(node: onnx.NodeProto, initializers) -> tuple[float, float | None] | None:
+    """(low, high) of a Relu (0, None) or of a Clip with constant bounds; None otherwise."""
+    if node.op_type == "Relu":
+        return 0.0, None
+    bounds = []
+    for position in (1, 2):
+        name = node.input[position] if len(node.input) > position else ""
+        if not name:
+            bounds.append(None)
+        elif name in initializers:
+            bounds.append(float(onnx.numpy_helper.to_array(initializers[name])))
+        else:
+            return None
+    low, high = bounds
+    return (low, high) if low is not None else None
+
+
+def _is_unit(node: onnx.NodeProto, layer_inputs: dict[str, str], initializers) -> bool:
+    if node.op_type not in UNIT_OPS:
+        return False
+    if node.op_type in ("Conv", "Gemm"):
+        return node.name in layer_inputs
+    if node.op_type == "MatMul":  # a layer, or a product of two activations
+        return node.name in layer_inputs or not any(name in initializers for name in node.input)
+    return True
+
+
+def _data_inputs(node: onnx.NodeProto, layer_inputs: dict[str, str]) -> list[str]:
+    if node.name in layer_inputs:
+        return [layer_inputs[node.name]]
+    if node.op_type in ALL_INPUTS:
+        return [name for name in node.input if name]
+    positions = UNIT_OPS[node.op_type]
+    return [node.input[p] for p in positions if p < len(node.input) and node.input[p]]
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names of the float32 tensors: inferred value_info, graph inputs and outputs, initializers."""
+    infos = [*model.graph.value_info, *model.graph.input, *model.graph.output]
+    names = {vi.name for vi in infos if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    names.update(t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    return names

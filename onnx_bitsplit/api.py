@@ -13,7 +13,8 @@ import onnx
 
 from .act_scale import fake_quant, mse_affine, mse_scale, quant_range, sample_values
 from .calibration import as_feeds, batch_feeds, input_shapes, sample_count
-from .capture import NetworkStreams, make_session
+from .capture import NetworkStreams
+from .providers import make_session
 from .config import QuantConfig
 from .equalize import equalize
 from .errors import BitsplitError, ModelError

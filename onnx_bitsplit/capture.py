@@ -19,12 +19,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from .act_scale import fake_quant
 from .graph import LayerSpec
 from .layout import ActivationQuant, Layout, TensorQuant
+from .providers import make_session
 
 Batches = list[np.ndarray]
 Chooser = Callable[[TensorQuant, Batches], ActivationQuant]
@@ -120,17 +120,6 @@ class NetworkStreams:
                 else replace(self.quantizers[decision.shares], tensor_name=decision.name))
         del values
         if self.compensate and quant_params is not None:
-            import os
-            if os.environ.get("BITSPLIT_QUANT_SCALES"):
-                chosen = [d for d in produced if d.shares is None]
-                segment = self._segment(start, stop, list(quant_params), extra_outputs={f"{d.name}.sim_float" for d in chosen},
-                                        quantizers=[self.quantizers[d.name] for d in produced])
-                values = self._run(segment, dict(self.quant_cache), quant_params)
-                for decision in produced:
-                    self.quantizers[decision.name] = (
-                        self.choose(decision, values[f"{decision.name}.sim_float"]) if decision.shares is None
-                        else replace(self.quantizers[decision.shares], tensor_name=decision.name))
-                del values
             segment = self._segment(start, stop, list(quant_params),
                                     quantizers=[self.quantizers[d.name] for d in produced])
             self._run(segment, self.quant_cache, quant_params)
@@ -224,13 +213,6 @@ def _with_quantizers(nodes: list[onnx.NodeProto], quantizers: list[ActivationQua
             result += [helper.make_node("QuantizeLinear", [f"{name}.sim_float", *args], [f"{name}.sim_quantized"]),
                        helper.make_node("DequantizeLinear", [f"{name}.sim_quantized", *args], [name])]
     return result
-
-
-def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """A CPU session that reports failures by exception only, not on the user's terminal."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # fatal only
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _last_uses(model: onnx.ModelProto) -> dict[str, int]:

@@ -2,7 +2,9 @@
 
 For every output: argmax agreement, top-1 accuracy where labels are known, cosine similarity,
 SQNR = 10 log10(||y||² / ||y - y_q||²) in dB, and the largest absolute error; plus each model's
-median onnxruntime latency per batch.
+median latency per batch. The float model runs on onnxruntime's CPU provider, the quantized one
+on the provider asked for (providers.py): there the report also says whether the whole graph ran
+on it, which nodes did not and why, and how often its argmax agrees with the same file on CPU.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import numpy as np
 import onnx
 
 from .calibration import as_feeds, batch_feeds, input_shapes, sample_count
-from .capture import make_session
-from .errors import ModelError
+from .errors import BitsplitError, ModelError
+from .providers import Placement, open_runner
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,20 @@ class CheckReport:
     outputs: list[OutputComparison] = field(default_factory=list)
     latency_ms_float: float = 0.0
     latency_ms_quant: float = 0.0
+    placement: Placement = field(default_factory=lambda: Placement("cpu"))
+    provider_agreement: float | None = None
 
     def table(self) -> str:
         """A readable table for people."""
-        lines = [f"{self.samples} samples; median latency per batch: float {self.latency_ms_float:.2f} ms, "
-                 f"quantized {self.latency_ms_quant:.2f} ms",
+        provider = self.placement.provider
+        lines = [f"{self.samples} samples; median latency per batch: float {self.latency_ms_float:.2f} ms (cpu), "
+                 f"quantized {self.latency_ms_quant:.2f} ms ({provider})"]
+        if provider != "cpu":
+            lines.append(f"{provider}: " + ("the whole graph ran there" if self.placement.whole else
+                                            f"{len(self.placement.fallbacks)} nodes did not run there")
+                         + f"; argmax agreement with the same model on cpu {100 * self.provider_agreement:.1f}%")
+            lines += [f"  {op} {name}: {reason}" for op, name, reason in self.placement.fallbacks[:20]]
+        lines += [
                  f"{'output':<24} {'agree':>7} {'top-1 float':>11} {'top-1 quant':>11} {'cosine':>8} "
                  f"{'SQNR dB':>8} {'max |err|':>10}"]
         for o in self.outputs:
@@ -69,6 +80,8 @@ class CheckReport:
     def failures(self, *, min_agree: float | None = None, min_sqnr: float | None = None) -> list[str]:
         """One line for each output below a gate."""
         failed = []
+        if not self.placement.whole:
+            failed.append(f"{len(self.placement.fallbacks)} nodes did not run on {self.placement.provider}")
         for o in self.outputs:
             if min_agree is not None and o.agreement < min_agree:
                 failed.append(f"output '{o.name}': agreement {o.agreement:.4f} < {min_agree}")
@@ -78,7 +91,8 @@ class CheckReport:
 
 
 def compare(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, feeds, *,
-            labels: list[int] | None = None, batch_size: int = 16, count: int | None = None) -> CheckReport:
+            labels: list[int] | None = None, batch_size: int = 16, count: int | None = None,
+            provider: str = "cpu") -> CheckReport:
     """Run both models on the same feeds and compare their outputs.
 
     Args:
@@ -87,19 +101,24 @@ def compare(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, feeds, *
         labels: the class of each sample, in order, for top-1 accuracy.
         batch_size: samples run at once where the batch axis is dynamic.
         count: use at most this many samples. Defaults to all.
+        provider: where the quantized model runs (providers.PROVIDERS).
     """
-    shapes = input_shapes(float_model)
-    if input_shapes(quant_model).keys() != shapes.keys():
+    float_shapes, shapes = input_shapes(float_model), input_shapes(quant_model)  # the quantized one may be static
+    if float_shapes.keys() != shapes.keys():
         raise ModelError("the two models have different inputs")
     batches = batch_feeds(as_feeds(feeds), shapes, batch_size=batch_size, count=count or 2**62)
-    float_run, float_ms = _run(float_model, batches)
-    quant_run, quant_ms = _run(quant_model, batches)
+    float_run, float_ms = _run(_load(float_model, "cpu"), batches)
+    runner = _load(quant_model, provider)
+    quant_run, quant_ms = _run(runner, batches)
     if [name for name, _ in float_run] != [name for name, _ in quant_run]:
         raise ModelError("the two models have different outputs")
     samples = sample_count(batches)
     if labels is not None and len(labels) < samples:
         raise ModelError(f"{len(labels)} labels for {samples} samples")
-    report = CheckReport(samples, latency_ms_float=float_ms, latency_ms_quant=quant_ms)
+    report = CheckReport(samples, latency_ms_float=float_ms, latency_ms_quant=quant_ms, placement=runner.placement)
+    if provider != "cpu":
+        cpu_run, _ = _run(_load(quant_model, "cpu"), batches)
+        report.provider_agreement = float((cpu_run[0][1].argmax(-1) == quant_run[0][1].argmax(-1)).mean())
     for (name, y), (_, y_q) in zip(float_run, quant_run):
         report.outputs.append(compare_output(name, y, y_q, None if labels is None else np.asarray(labels[:samples])))
     return report
@@ -124,18 +143,22 @@ def compare_output(name: str, y: np.ndarray, y_q: np.ndarray, labels: np.ndarray
     )
 
 
-def _run(model: onnx.ModelProto, batches: list[dict]) -> tuple[list[tuple[str, np.ndarray]], float]:
-    """All outputs over all batches, and the median seconds per batch in milliseconds."""
+def _load(model: onnx.ModelProto, provider: str):
     try:
-        session = make_session(model)
+        return open_runner(model, provider)
+    except BitsplitError:
+        raise
     except Exception as exc:
-        raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
-    names = [o.name for o in session.get_outputs()]
-    session.run(names, batches[0])  # warm-up, not timed
+        raise ModelError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _run(runner, batches: list[dict]) -> tuple[list[tuple[str, np.ndarray]], float]:
+    """All outputs over all batches, and the median seconds per batch in milliseconds."""
+    runner.run(batches[0])  # warm-up, not timed
     results, seconds = [], []
     for batch in batches:
         start = time.perf_counter()
-        results.append(session.run(names, batch))
+        results.append(runner.run(batch))
         seconds.append(time.perf_counter() - start)
-    outputs = [(name, np.concatenate([r[i] for r in results])) for i, name in enumerate(names)]
+    outputs = [(name, np.concatenate([r[i] for r in results])) for i, name in enumerate(runner.output_names)]
     return outputs, 1000 * float(np.median(seconds))

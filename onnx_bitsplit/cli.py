@@ -10,6 +10,7 @@ import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -21,6 +22,7 @@ from .check import compare
 from .config import QuantConfig
 from .errors import BitsplitError, CalibrationError, ModelError
 from .modelio import load_model, save_model, write_text_atomic
+from .providers import PROVIDERS
 
 EXIT_ERROR = 1
 EXIT_GATE = 3  # check: the quantized model is below a --min-* gate
@@ -106,8 +108,15 @@ def image_options(command):
 @click.option("--calib-count", default=256, show_default=True, type=int,
               help="Use at most this many calibration samples.")
 @image_options
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]DIMS",
+              help="Static input shape, e.g. 1x3x224x224 (NAME=DIMS for one of several inputs; "
+                   "repeatable): the output has it and calibration runs at it. NPUs need static shapes.")
 @click.option("--wbits", default=4, show_default=True, type=int, help="Weight bits, 2 to 8.")
-@click.option("--abits", default=8, show_default=True, type=int, help="Activation bits (per tensor); 8.")
+@click.option("--abits", default=8, show_default=True, type=int,
+              help="Activation bits, per tensor: 8 (uint8), or 16 (uint16, for QNN HTP).")
+@click.option("--weight-storage", default="int4", show_default=True, metavar="int4|int8",
+              help="int4: weights of 2-4 bits stored as INT4 (smallest; NPUs); int8: the same values in "
+                   "INT8, which CPU runtimes run as integer kernels.")
 @click.option("--first-last-wbits", default="8", show_default=True,
               help="Weight bits of the first and last layer; 'same' uses --wbits.")
 @click.option("--bits-per-layer", "layer_bits", multiple=True, metavar="PATTERN=BITS",
@@ -138,7 +147,8 @@ def image_options(command):
               help="Store the weights in OUT.onnx.data beside the output (automatic above 2 GiB).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_count: int, preset: str,
-                     mean: str | None, std: str | None, input_size: str | None, wbits: int, abits: int, first_last_wbits: str,
+                     mean: str | None, std: str | None, input_size: str | None, input_shapes: tuple[str, ...],
+                     wbits: int, abits: int, weight_storage: str, first_last_wbits: str,
                      layer_bits: tuple[str, ...], size_budget: float | None, error_compensation: bool, compensation_blend: float,
                      bias_correction: bool, equalization: bool,
                      iterations: int, damping: float, batch_size: int, report_path: Path | None,
@@ -146,7 +156,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
     """Quantize a float ONNX model to a low-bit QDQ model with Bit-Split and Stitching."""
     with _one_line_errors():
         config = QuantConfig(
-            wbits=wbits, abits=abits,
+            wbits=wbits, abits=abits, weight_storage=weight_storage,
             first_last_wbits=None if first_last_wbits == "same" else _int(first_last_wbits),
             layer_wbits=_layer_bits(layer_bits), size_budget=size_budget, error_compensation=error_compensation,
             compensation_blend=compensation_blend,
@@ -155,7 +165,8 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
             batch_size=batch_size, calib_count=calib_count)
         _check_paths(input_path, output_path)
         model = load_model(input_path)
-        reader = _reader(model, calib, calib_count, preset, mean, std, input_size)
+        config = replace(config, input_shapes=_input_shapes(model, input_shapes))
+        reader = _reader(model, calib, calib_count, preset, mean, std, input_size, config.input_shapes)
         quantized, report = _quantize_with_progress(model, reader, config, quiet)
         data_path = save_model(quantized, output_path, external_data=external_data or None)
         if report_path:
@@ -178,17 +189,21 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
                    "that start with a class number (CCC_name.jpg) give the labels.")
 @click.option("--min-agree", type=float, help="Exit with 3 if argmax agreement is below this fraction.")
 @click.option("--min-sqnr", type=float, help="Exit with 3 if SQNR is below this many dB.")
+@click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
+              help="Run the quantized model on onnxruntime's CPU, on Qualcomm's NPU (QNN HTP, package "
+                   "onnxruntime-qnn; no CPU fallback) or on OpenVINO's CPU plugin (package openvino); "
+                   "exit with 3 unless the whole graph runs there.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def check_command(float_path: Path, quant_path: Path, data: Path, count: int | None, preset: str,
                   mean: str | None, std: str | None, input_size: str | None, labels_path: Path | None, min_agree: float | None,
-                  min_sqnr: float | None, as_json: bool):
+                  min_sqnr: float | None, provider: str, as_json: bool):
     """Run a float model and its quantized version on the same inputs and compare them: argmax
     agreement, top-1 where labels are known, cosine similarity, SQNR, max error, latency."""
     with _one_line_errors():
         float_model, quant_model = load_model(float_path), load_model(quant_path)
-        reader = _reader(float_model, data, count, preset, mean, std, input_size)
+        reader = _reader(quant_model, data, count, preset, mean, std, input_size)
         labels = _labels(reader, labels_path)
-        report = compare(float_model, quant_model, reader, labels=labels, count=count)
+        report = compare(float_model, quant_model, reader, labels=labels, count=count, provider=provider)
     click.echo(report.to_json() if as_json else report.table())
     failures = report.failures(min_agree=min_agree, min_sqnr=min_sqnr)
     for failure in failures:
@@ -222,6 +237,24 @@ def _int(text: str) -> int:
         raise click.BadParameter(f"expected a number or 'same', got '{text}'") from None
 
 
+def _input_shapes(model: onnx.ModelProto, texts: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """--input-shape values by input name; a bare DIMS names the model's only input."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    shapes = {}
+    for text in texts:
+        name, _, dims = text.rpartition("=")
+        if not name:
+            if len(inputs) != 1:
+                raise click.BadParameter(f"the model has {len(inputs)} inputs: give NAME=DIMS", param_hint="--input-shape")
+            name = inputs[0]
+        parts = dims.lower().split("x")
+        if not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise click.BadParameter(f"expected DIMS such as 1x3x224x224, got '{dims}'", param_hint="--input-shape")
+        shapes[name] = tuple(int(p) for p in parts)
+    return shapes
+
+
 def _check_paths(input_path: Path, output_path: Path) -> None:
     """Fail before any work when the output could not be written or would replace the input."""
     if not input_path.is_file():
@@ -239,8 +272,9 @@ def _check_paths(input_path: Path, output_path: Path) -> None:
 
 
 def _reader(model: onnx.ModelProto, calib: Path, count: int | None, preset: str, mean: str | None,
-            std: str | None, input_size: str | None):
-    """An NpyReader for array files, else an ImageFolderReader sized to the model's input."""
+            std: str | None, input_size: str | None, input_shapes: dict | None = None):
+    """An NpyReader for array files, else an ImageFolderReader sized to the model's input (or to
+    its --input-shape)."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if calib.is_file() and calib.suffix.lower() in ARRAY_SUFFIXES or calib.is_dir() and any(
@@ -248,11 +282,12 @@ def _reader(model: onnx.ModelProto, calib: Path, count: int | None, preset: str,
         return NpyReader(calib, [i.name for i in inputs])
     if len(inputs) != 1:
         raise CalibrationError(f"the model has {len(inputs)} inputs; calibrate it with .npz files keyed by input name")
-    dims = inputs[0].type.tensor_type.shape.dim
-    if len(dims) != 4 or dims[1].dim_value != 3:
+    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+    dims = list((input_shapes or {}).get(inputs[0].name, dims))
+    if len(dims) != 4 or dims[1] != 3:
         raise CalibrationError(f"input '{inputs[0].name}' is not a 3-channel NCHW image; "
                                "calibrate it with .npy/.npz files")
-    size = _size(input_size) if input_size else (dims[2].dim_value, dims[3].dim_value)
+    size = _size(input_size) if input_size else (dims[2], dims[3])
     if not all(size):
         raise CalibrationError(f"input '{inputs[0].name}' has a dynamic size; give one with --input-size HxW")
     preset_mean, preset_std = PRESETS[preset]

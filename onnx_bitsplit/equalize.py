@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .capture import make_session
+from .providers import make_session
 from .graph import export
 
 MAX_STRETCH = 16.0  # no channel is scaled by more than this relative to the largest factor

@@ -371,31 +371,36 @@ def _conv_geometry(attrs: dict, shape: tuple[int, ...]) -> ConvGeometry:
     )
 
 
-def is_non_negative(model: onnx.ModelProto, tensor_name: str) -> bool:
-    """True when the tensor is provably >= 0 (after Relu, Clip(min >= 0), ...)."""
-    producers = {out: node for node in model.graph.node for out in node.output}
+def non_negative_tensors(model: onnx.ModelProto) -> set[str]:
+    """The tensors that are provably >= 0 (after Relu, Clip(min >= 0), ...), in one pass over the
+    topologically sorted nodes."""
     initializers = {t.name: t for t in model.graph.initializer}
-    name = tensor_name
-    while name in producers:
-        node = producers[name]
+
+    def constant_min(name: str) -> float | None:
+        tensor = initializers.get(name)
+        return None if tensor is None else float(onnx.numpy_helper.to_array(tensor).min())
+
+    found = set()
+    for node in model.graph.node:
+        source = node.input[0] if node.input else ""
         if node.op_type in NON_NEGATIVE_OPS:
-            return True
-        if node.op_type == "Clip":
-            low = initializers.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-            return low is not None and float(onnx.numpy_helper.to_array(low).min()) >= 0
-        if node.op_type in ("Max", "Min"):  # with a constant bound, as equalize writes Clip
-            bound = initializers.get(node.input[1]) if len(node.input) == 2 else None
-            if bound is None or float(onnx.numpy_helper.to_array(bound).min()) < 0:
-                return False
-            if node.op_type == "Max":
-                return True
-            name = node.input[0]
-            continue
-        if node.op_type == "Pad" and len(node.input) > 2 and node.input[2]:
-            value = initializers.get(node.input[2])
-            if value is None or float(onnx.numpy_helper.to_array(value)) < 0:
-                return False
-        if node.op_type not in SIGN_PRESERVING_OPS:
-            return False
-        name = node.input[0]
-    return False
+            positive = True
+        elif node.op_type == "Clip":
+            low = constant_min(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            positive = low is not None and low >= 0
+        elif node.op_type in ("Max", "Min") and len(node.input) == 2:  # a constant bound, as equalize writes Clip
+            bound = constant_min(node.input[1])
+            positive = bound is not None and bound >= 0 and (node.op_type == "Max" or source in found)
+        elif node.op_type == "Pad" and len(node.input) > 2 and node.input[2]:
+            value = constant_min(node.input[2])
+            positive = value is not None and value >= 0 and source in found
+        else:
+            positive = node.op_type in SIGN_PRESERVING_OPS and source in found
+        if positive:
+            found.update(node.output[:1])
+    return found
+
+
+def is_non_negative(model: onnx.ModelProto, tensor_name: str) -> bool:
+    """True when the tensor is provably >= 0 (non_negative_tensors)."""
+    return tensor_name in non_negative_tensors(model)

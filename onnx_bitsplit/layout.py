@@ -22,11 +22,12 @@ Rules, as onnxruntime's own QDQ quantizer applies them:
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import onnx
 
-from .graph import LayerSpec, is_non_negative
+from .graph import LayerSpec, non_negative_tensors
 
 # operator -> positions of its data inputs (the rest are parameters: shapes, pads, scales, roi...)
 UNIT_OPS: dict[str, tuple[int, ...]] = {
@@ -103,9 +104,13 @@ class Layout:
     constants: dict[str, TensorQuant] = field(default_factory=dict)
     producers: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self._order = [self.producers[name] for name in self.tensors]  # ascending: tensors is in node order
+        self._decisions = list(self.tensors.values())
+
     def produced_in(self, start: int, stop: int) -> list[TensorQuant]:
-        """The quantized tensors whose producer is one of nodes [start, stop)."""
-        return [t for t in self.tensors.values() if start <= self.producers[t.name] < stop]
+        """The quantized tensors whose producer is one of nodes [start, stop) (graph inputs: -1)."""
+        return self._decisions[bisect.bisect_left(self._order, start):bisect.bisect_left(self._order, stop)]
 
 
 def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec]) -> Layout:
@@ -136,6 +141,7 @@ def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec]) -> Layout:
     removed = {node.input[0]: node for node in units if _removable(node, producers, readers, outputs, initializers)}
     quantized -= removed.keys()  # inside a fused unit: never materialised by an integer runtime
 
+    non_negative = non_negative_tensors(model)
     decided: dict[str, TensorQuant] = {}
     for name in sorted(quantized, key=lambda n: producers.get(n, -1)):
         if name not in producers:  # read but produced nowhere: a malformed graph onnxruntime refuses
@@ -145,14 +151,15 @@ def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec]) -> Layout:
         if node is not None and node.op_type in SAME_SCALE_OPS and source in decided:
             decided[name] = TensorQuant(name, decided[source].signed, shares=_root(source, decided))
         else:
-            decided[name] = _own_quantizer(model, name, node, removed, initializers)
+            decided[name] = _own_quantizer(non_negative, name, node, removed, initializers)
     return Layout(decided, constants, {name: producers[name] for name in decided})
 
 
-def _own_quantizer(model, name: str, node: onnx.NodeProto | None, removed: dict, initializers) -> TensorQuant:
+def _own_quantizer(non_negative: set[str], name: str, node: onnx.NodeProto | None, removed: dict,
+                   initializers) -> TensorQuant:
     """The decision for a tensor with a quantizer of its own."""
     if node is None:
-        return TensorQuant(name, not is_non_negative(model, name))
+        return TensorQuant(name, name not in non_negative)
     removed_node = node.name if removed.get(node.input[0] if node.input else None) is node else None
     bounds = _clip_bounds(node, initializers) if node.op_type in REMOVABLE_OPS else None
     if bounds is not None and bounds[0] == 0.0:
@@ -162,7 +169,7 @@ def _own_quantizer(model, name: str, node: onnx.NodeProto | None, removed: dict,
     if node.op_type in OUTPUT_RANGES:
         low, high = OUTPUT_RANGES[node.op_type]
         return TensorQuant(name, low < 0, fixed_range=(low, high))
-    return TensorQuant(name, not is_non_negative(model, name))
+    return TensorQuant(name, name not in non_negative)
 
 
 def _removable(node: onnx.NodeProto, producers, readers, outputs, initializers) -> bool:

@@ -173,3 +173,19 @@ def test_size_budget_too_small(tmp_path, model_path, npy_dir):
 
 def test_activation_bits_other_than_8_are_refused(tmp_path, model_path, npy_dir):
     assert_one_line_error(invoke(model_path, tmp_path / "q.onnx", "--calib", npy_dir, "--abits", "4"), "abits")
+
+
+def test_input_shape_makes_the_output_static(tmp_path, model_path, npy_dir):
+    out = tmp_path / "q.onnx"
+    result = invoke(model_path, out, "--calib", npy_dir, "--input-shape", "1x8x12x12", "--quiet")
+    assert result.exit_code == 0, result.output
+    dims = [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 8, 12, 12]
+
+
+@pytest.mark.parametrize("shape,text", [("1x8x12", "does not fit"), ("1x9x12x12", "does not fit"),
+                                        ("ax8x12x12", "expected DIMS"), ("y=1x8x12x12", "no input 'y'")])
+def test_bad_input_shapes_are_one_line_errors(tmp_path, model_path, npy_dir, shape, text):
+    result = invoke(model_path, tmp_path / "q.onnx", "--calib", npy_dir, "--input-shape", shape)
+    assert result.exit_code != 0 and not (tmp_path / "q.onnx").exists()
+    assert text in result.output and "Traceback" not in result.output, result.output

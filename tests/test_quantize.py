@@ -159,3 +159,17 @@ def test_blend_zero_is_solving_on_float_inputs():
                                    onnx.numpy_helper.to_array(b).astype(np.float64), rtol=1e-4)
     with pytest.raises(Exception, match="compensation_blend"):
         QuantConfig(compensation_blend=1.5)
+
+
+def test_16_bit_activations_are_uint16_and_closer_to_float():
+    model = conv_model()
+    held_out = calibration_feeds(model, count=8, seed=7)
+    errors = {}
+    for abits in (8, 16):
+        quantized, _ = quantize(model, calibration_feeds(model), QuantConfig(wbits=8, abits=abits))
+        # activation zero points are scalars; weights' and biases' have one entry per channel
+        zero_points = [t for t in quantized.graph.initializer if t.name.endswith("_zero_point") and t.dims == []]
+        expected = {8: onnx.TensorProto.UINT8, 16: onnx.TensorProto.UINT16}[abits]
+        assert zero_points and all(t.data_type == expected for t in zero_points)
+        errors[abits] = sqnr_db(outputs(model, held_out), outputs(quantized, held_out))
+    assert errors[16] > errors[8] + 3

@@ -1,0 +1,211 @@
+"""Runtimes a quantized model is deployed on, and where its nodes ran there.
+
+- "cpu": onnxruntime's CPU provider (QDQ node units fused into QLinearConv, QGemm, ...).
+- "qnn": Qualcomm's NPU through the onnxruntime-qnn plugin (HTP backend; a simulator on x86-64
+  Linux), with CPU fallback disabled, so a session that loads runs whole on the HTP graph.
+- "openvino": OpenVINO's CPU plugin (the `openvino` package), which reads QDQ ONNX and reports
+  each layer's runtime precision.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import BitsplitError
+
+PROVIDERS = ("cpu", "qnn", "openvino")
+PACKAGES = {"qnn": "onnxruntime-qnn", "openvino": "openvino"}
+QNN_EP = "QNNExecutionProvider"
+QNN_OPTIONS = {"backend_type": "htp", "offload_graph_io_quantization": "0"}
+# OpenVINO layer types whose precision tells whether the model runs as integer kernels
+OPENVINO_WEIGHTED = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution"}
+INTEGER_PRECISIONS = {"u8", "i8"}
+QNN_REASON = re.compile(r"Validation FAILED for \d+ nodes in OrtNodeUnit \((\w+)\)\s*:\s*REASON\s*:\s*(.+)")
+
+
+@dataclass
+class Placement:
+    """Where a model's nodes ran on a provider.
+
+    Attributes:
+        provider: one of PROVIDERS.
+        whole: every node ran there (for OpenVINO: every weighted layer in u8/i8).
+        fallbacks: (op type, node name, reason) of each node that did not.
+    """
+
+    provider: str
+    whole: bool = True
+    fallbacks: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+class Runner:
+    """A model loaded on one provider: run(feed) -> outputs, and its placement."""
+
+    def __init__(self, run, output_names: list[str], placement: Placement):
+        self.run = run
+        self.output_names = output_names
+        self.placement = placement
+
+
+def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A CPU session that reports failures by exception only, not on the user's terminal."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # fatal only
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def open_runner(model: onnx.ModelProto, provider: str) -> Runner:
+    """Load `model` on `provider`.
+
+    Raises:
+        BitsplitError: the provider's package is missing, or it cannot load the model at all.
+    """
+    if provider not in PROVIDERS:
+        raise BitsplitError(f"unknown provider '{provider}' (one of {', '.join(PROVIDERS)})")
+    if provider == "qnn":
+        return _qnn_runner(model)
+    if provider == "openvino":
+        return _openvino_runner(model)
+    session = make_session(model)
+    return _session_runner(session, Placement("cpu"))
+
+
+def _session_runner(session: ort.InferenceSession, placement: Placement) -> Runner:
+    names = [o.name for o in session.get_outputs()]
+    return Runner(lambda feed: session.run(names, feed), names, placement)
+
+
+def _require(provider: str):
+    module = {"qnn": "onnxruntime_qnn", "openvino": "openvino"}[provider]
+    try:
+        return __import__(module)
+    except ImportError:
+        raise BitsplitError(f"--provider {provider} needs the {PACKAGES[provider]} package: "
+                            f"pip install {PACKAGES[provider]}") from None
+
+
+def _qnn_devices():
+    qnn = _require("qnn")
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN_EP]
+    if not devices:
+        try:
+            with _quiet_output():  # the QNN libraries print a banner as they load
+                ort.register_execution_provider_library(QNN_EP, qnn.get_library_path())
+        except Exception as exc:
+            raise BitsplitError(f"cannot load the QNN execution provider: {_first_line(exc)}") from None
+        devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN_EP]
+    if not devices:
+        raise BitsplitError("the QNN execution provider offers no device on this machine")
+    return devices
+
+
+def _qnn_options(devices, *, fallback: bool, severity: int = 3) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = severity
+    if not fallback:
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    else:
+        options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    options.add_provider_for_devices(devices, QNN_OPTIONS)
+    return options
+
+
+def _qnn_runner(model: onnx.ModelProto) -> Runner:
+    """The model on QNN HTP without CPU fallback; if QNN does not take it whole, on QNN with
+    fallback, with the nodes left to the CPU and the validator's reasons."""
+    devices = _qnn_devices()
+    data = model.SerializeToString()
+    try:
+        with _quiet_output():
+            session = ort.InferenceSession(data, _qnn_options(devices, fallback=False))
+        return _session_runner(session, Placement("qnn"))
+    except Exception:
+        pass
+    with _captured_stderr() as log:
+        session = ort.InferenceSession(data, _qnn_options(devices, fallback=True, severity=0))
+    reasons = {op: reason.strip() for op, reason in QNN_REASON.findall(log.read())}
+    log.close()
+    dynamic = [i.name for i in model.graph.input
+               if any(not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)]
+    hint = f"; inputs {', '.join(dynamic)} are dynamic and QNN needs static shapes (--input-shape)" if dynamic else ""
+    fallbacks = [(node.op_type, node.name, reasons.get(node.op_type, "not taken by QNN") + hint)
+                 for subgraph in session.get_provider_graph_assignment_info() if subgraph.ep_name != QNN_EP
+                 for node in subgraph.get_nodes()]
+    return _session_runner(session, Placement("qnn", whole=not fallbacks, fallbacks=fallbacks))
+
+
+def _openvino_runner(model: onnx.ModelProto) -> Runner:
+    """The model compiled by OpenVINO for its CPU plugin; weighted layers that did not get an
+    integer runtime precision are the fallbacks."""
+    ov = _require("openvino")
+    core = ov.Core()
+    with tempfile.TemporaryDirectory(prefix="onnx-bitsplit-") as folder:
+        path = Path(folder) / "model.onnx"
+        onnx.save(model, path)
+        try:
+            compiled = core.compile_model(core.read_model(str(path)), "CPU")
+        except Exception as exc:
+            raise BitsplitError(f"OpenVINO cannot load the model: {_first_line(exc)}") from None
+    fallbacks = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
+        if kind in OPENVINO_WEIGHTED and precision not in INTEGER_PRECISIONS:
+            fallbacks.append((kind, op.get_friendly_name(), f"runs in {precision}"))
+    request = compiled.create_infer_request()
+    names = [output.get_any_name() for output in compiled.outputs]
+
+    def run(feed):
+        results = request.infer(feed)
+        return [np.asarray(results[output]) for output in compiled.outputs]
+
+    return Runner(run, names, Placement("openvino", whole=not fallbacks, fallbacks=fallbacks))
+
+
+class _captured_stderr:
+    """The process's file descriptors (2, where onnxruntime's C++ logger writes, or others)
+    redirected to a temporary file, readable after the block."""
+
+    descriptors = (2,)
+
+    def __enter__(self):
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        self.file = tempfile.TemporaryFile(mode="w+")
+        self.saved = [os.dup(fd) for fd in self.descriptors]
+        for fd in self.descriptors:
+            os.dup2(self.file.fileno(), fd)
+        return self.file
+
+    def __exit__(self, *exc):
+        for fd, saved in zip(self.descriptors, self.saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+        self.file.seek(0)
+        return False
+
+
+class _quiet_output(_captured_stderr):
+    """Standard output and error of native code discarded for the block."""
+
+    descriptors = (1, 2)
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.file.close()
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -1,0 +1,84 @@
+"""Deployment runtimes: QNN HTP (onnxruntime-qnn) and OpenVINO run our output whole, as integer
+kernels; each test skips with a reason where its package is not installed."""
+
+import importlib.util
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from graphs import INPUT, calibration_feeds, conv_model, inverted_residual_model
+from onnx_bitsplit import QuantConfig, quantize
+from onnx_bitsplit.cli import check_command
+from onnx_bitsplit.errors import BitsplitError
+from onnx_bitsplit.providers import open_runner
+
+needs_qnn = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_qnn") is None,
+                               reason="onnxruntime-qnn is not installed (pip install onnxruntime-qnn)")
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                    reason="openvino is not installed (pip install openvino)")
+STATIC = {INPUT: (1, 4, 10, 10)}
+
+
+def static_block(**options):
+    model = inverted_residual_model()
+    quantized, _ = quantize(model, calibration_feeds(model, 16), QuantConfig(input_shapes=STATIC, **options))
+    return model, quantized
+
+
+def agreement_with_cpu(quantized, provider):
+    feeds = calibration_feeds(quantized, 8, seed=3)
+    cpu, other = open_runner(quantized, "cpu"), open_runner(quantized, provider)
+    expected = np.concatenate([cpu.run(feed)[0] for feed in feeds])
+    actual = np.concatenate([other.run(feed)[0] for feed in feeds])
+    return 10 * np.log10((expected ** 2).sum() / max(((expected - actual) ** 2).sum(), 1e-30))
+
+
+@needs_qnn
+@pytest.mark.parametrize("options", [dict(wbits=8), dict(wbits=4), dict(wbits=4, abits=16)])
+def test_qnn_htp_runs_the_whole_graph(options):
+    _, quantized = static_block(**options)
+    runner = open_runner(quantized, "qnn")
+    assert runner.placement.whole and runner.placement.fallbacks == []
+    assert agreement_with_cpu(quantized, "qnn") > 30  # the same integers, up to rounding
+
+
+@needs_qnn
+def test_qnn_reports_what_it_refuses():
+    model = inverted_residual_model()
+    dynamic, _ = quantize(model, calibration_feeds(model, 8))  # no --input-shape: QNN needs static shapes
+    placement = open_runner(dynamic, "qnn").placement
+    assert not placement.whole
+    assert {op for op, _, _ in placement.fallbacks} >= {"Conv", "Add"}
+    assert all("static shapes" in reason for _, _, reason in placement.fallbacks)
+
+
+@needs_openvino
+def test_openvino_runs_every_conv_in_int8():
+    _, quantized = static_block(wbits=4, weight_storage="int8")
+    assert open_runner(quantized, "openvino").placement.whole
+    assert agreement_with_cpu(quantized, "openvino") > 30
+    _, int4 = static_block(wbits=4)  # OpenVINO decompresses INT4 weights to float
+    placement = open_runner(int4, "openvino").placement
+    assert not placement.whole and all(kind == "Convolution" for kind, _, _ in placement.fallbacks)
+
+
+@pytest.mark.parametrize("provider,package", [("qnn", "onnxruntime-qnn"), ("openvino", "openvino")])
+def test_a_missing_provider_package_is_named(monkeypatch, provider, package):
+    monkeypatch.setitem(sys.modules, {"qnn": "onnxruntime_qnn", "openvino": "openvino"}[provider], None)
+    with pytest.raises(BitsplitError, match=f"pip install {package}"):
+        open_runner(conv_model(), provider)
+
+
+@needs_qnn
+def test_check_fails_when_the_provider_does_not_take_the_whole_graph(tmp_path):
+    model = conv_model()
+    quantized, _ = quantize(model, calibration_feeds(model, 8))
+    onnx.save(model, tmp_path / "float.onnx")
+    onnx.save(quantized, tmp_path / "q.onnx")
+    np.save(tmp_path / "data.npy", calibration_feeds(model, 1)[0][INPUT])
+    result = CliRunner().invoke(check_command, [str(tmp_path / "float.onnx"), str(tmp_path / "q.onnx"),
+                                                "--data", str(tmp_path / "data.npy"), "--provider", "qnn"])
+    assert result.exit_code == 3 and "did not run on qnn" in result.output, result.output

@@ -1,6 +1,8 @@
 """onnx-bitsplit: low-bit QDQ ONNX models by Bit-Split and Stitching post-training quantization."""
 
-from .api import quantize
+__version__ = "0.1.0"
+
+from .api import quantize  # noqa: E402  (submodules read __version__)
 from .calibration import ImageFolderReader, NpyReader
 from .config import QuantConfig
 from .errors import BitsplitError
@@ -8,4 +10,3 @@ from .report import LayerReport, Report
 
 __all__ = ["quantize", "QuantConfig", "Report", "LayerReport", "ImageFolderReader", "NpyReader",
            "BitsplitError"]
-__version__ = "0.1.0"

@@ -90,6 +90,16 @@ def mse_affine(values: np.ndarray, bits: int, iterations: int = 30) -> tuple[flo
     return float(scale), zero_point
 
 
+def minmax_affine(values: np.ndarray, bits: int) -> tuple[float, int]:
+    """(scale, zero_point) of the unsigned quantizer spanning [min(x, 0), max(x, 0)]: nothing is clipped."""
+    low, high = quant_range(bits, signed=False)
+    bottom, top = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    if top == bottom:
+        return 1.0, 0
+    scale = (top - bottom) / high
+    return scale, int(np.clip(round(-bottom / scale), low, high))
+
+
 def _error(x: np.ndarray, scale: float, low: int, high: int, zero_point: int = 0) -> float:
     residual = x - (np.clip(np.rint(x / scale) + zero_point, low, high) - zero_point) * scale
     return float(residual @ residual)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import onnx
 
-from .act_scale import fake_quant, mse_affine, mse_scale, quant_range, sample_values
+from .act_scale import fake_quant, minmax_affine, mse_affine, mse_scale, quant_range, sample_values
 from .calibration import as_feeds, batch_feeds, input_shapes, sample_count
 from .capture import NetworkStreams
 from .providers import make_session
@@ -21,7 +22,7 @@ from .errors import BitsplitError, ModelError
 from .graph import LayerSpec, find_layers, prepare
 from .layout import ActivationQuant, Layout, TensorQuant, plan_layout
 from .mixed import LayerCost, allocate_bits, storage_bytes
-from .qdq import WeightQuant, write_qdq
+from .qdq import WeightQuant, carry_metadata, write_qdq
 from .report import LayerReport, Report
 from .solver import BitSplitSolver, LayerSolution
 
@@ -87,6 +88,11 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
                          for layer, errors, reason in zip(report.layers, sensitivity, reasons)]
     with phase("write"):
         quantized = write_qdq(prepared, layout, solved, streams.quantizers, weight_storage=config.weight_storage)
+        carry_metadata(model, quantized, keep_output_types=not config.input_shapes, stamp={
+            "method": "Bit-Split and Stitching (Wang et al., ICML 2020)",
+            "layer_bits": json.dumps({layer.name: layer.bits for layer in report.layers}),
+            "calibration_samples": str(report.calibration_samples),
+            "options": json.dumps(asdict(config), sort_keys=True)})
         try:  # the promise is a model onnxruntime runs: keep it even for odd inputs
             make_session(quantized)
         except Exception as exc:
@@ -132,12 +138,16 @@ def choose_quantizer(decision: TensorQuant, batches: list[np.ndarray], config: Q
         (the quantizer, its relative error ||x - Q(x)||² / ||x||² on the values it was chosen on).
     """
     values = sample_values(batches)
+    if not np.isfinite(values).all():
+        raise ModelError(f"tensor '{decision.name}' has NaN or infinite values on the calibration data")
     levels = quant_range(config.abits, signed=False)[1]
     zero_point = 0
     if decision.fixed_range is not None:
         low, high = decision.fixed_range
         scale = (high - low) / (levels + 1)  # 1/256 for [0, 1], as QNN and onnxruntime's quantizer
         zero_point = round(-low / scale)
+    elif decision.full_range:
+        scale, zero_point = minmax_affine(values, config.abits)
     elif decision.signed:
         scale, zero_point = mse_affine(values, config.abits)
     else:
@@ -153,12 +163,14 @@ def choose_quantizer(decision: TensorQuant, batches: list[np.ndarray], config: Q
 
 def layer_bits(config: QuantConfig, layers: list[LayerSpec], index: int) -> int:
     """Weight bits of layers[index]: an override by name, pattern or '@depthwise', else first/last,
-    else wbits."""
+    else depthwise, else wbits."""
     override = _override(config, layers[index])
     if override is not None:
         return override
     if config.first_last_wbits is not None and index in (0, len(layers) - 1):
         return config.first_last_wbits
+    if config.depthwise_wbits is not None and layers[index].is_depthwise:
+        return config.depthwise_wbits
     return config.wbits
 
 
@@ -219,13 +231,38 @@ def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.nda
     solver = BitSplitSolver(layer.weight_matrix(W))
     x_tilde, x = streams.layer_inputs(index)
     compensate = x_tilde is not x
-    for xt_batch, x_batch in zip(x_tilde, x):
-        for rows in _row_chunks(xt_batch, layer):
-            xt_rows, x_rows = xt_batch[rows], x_batch[rows]
-            if compensate and blend < 1:
-                xt_rows = blend * xt_rows + (1 - blend) * x_rows
-            solver.add_batch(layer.patches(xt_rows), layer.patches(x_rows) if compensate else None)
+    for xt_rows, x_rows in _sample_chunks(x_tilde, x, _samples_per_chunk(x[0], layer)):
+        if compensate and blend < 1:
+            xt_rows = blend * xt_rows + (1 - blend) * x_rows
+        solver.add_batch(layer.patches(xt_rows), layer.patches(x_rows) if compensate else None)
     return solver
+
+
+def _sample_chunks(x_tilde: list[np.ndarray], x: list[np.ndarray], limit: int):
+    """(X~, X) blocks of at most `limit` consecutive samples, batches of one shape joined (a model
+    with a fixed batch of 1 still gets large BLAS products)."""
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    for xt_batch, x_batch in zip(x_tilde, x):
+        if pending and xt_batch.shape[1:] != pending[0][0].shape[1:]:
+            yield _joined(pending)
+            pending = []
+        for start in range(0, len(xt_batch), limit):
+            xt_piece = xt_batch[start:start + limit]
+            piece = (xt_piece, xt_piece if x_batch is xt_batch else x_batch[start:start + limit])
+            if pending and sum(len(p[0]) for p in pending) + len(piece[0]) > limit:
+                yield _joined(pending)
+                pending = []
+            pending.append(piece)
+    if pending:
+        yield _joined(pending)
+
+
+def _joined(pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if len(pieces) == 1:
+        return pieces[0]
+    x_tilde = np.concatenate([p[0] for p in pieces])
+    same = all(p[0] is p[1] for p in pieces)  # no error compensation: one stream
+    return x_tilde, x_tilde if same else np.concatenate([p[1] for p in pieces])
 
 
 def _layer_quant(layer: LayerSpec, solution: LayerSolution, weights: dict, bits: int, config: QuantConfig,
@@ -235,12 +272,16 @@ def _layer_quant(layer: LayerSpec, solution: LayerSolution, weights: dict, bits:
     The bias is stored as int32 on the grid of input scale x weight scale, the accumulator's own
     scale, as integer kernels add it."""
     q, alpha = solution.q.reshape(-1, solution.q.shape[-1]), solution.alpha.reshape(-1)
+    if not np.isfinite(alpha).all():
+        raise ModelError(f"layer '{layer.name}': the solve gave a scale that is not finite")
     float_params = {layer.weight_name: weights[layer.weight_name]}
     bias = bias_scale = float_bias = None
     if layer.bias_name:
         float_bias = float_params[layer.bias_name] = weights[layer.bias_name]
         if config.bias_correction:
             float_bias = float_bias + solution.bias_shift.reshape(-1)
+        if not np.isfinite(float_bias).all():
+            raise ModelError(f"layer '{layer.name}': its corrected bias is not finite")
         q, alpha = fit_int32_bias(q, alpha, float_bias, input_scale)
         bias_scale = (np.float32(input_scale) * alpha).astype(np.float32)
         bias = np.rint(float_bias / bias_scale).astype(np.int32)
@@ -268,15 +309,14 @@ def fit_int32_bias(q: np.ndarray, alpha: np.ndarray, bias: np.ndarray, input_sca
     return q.astype(np.int8), alpha.astype(np.float32)
 
 
-def _row_chunks(batch: np.ndarray, layer: LayerSpec) -> list[slice]:
-    """Slices of the batch's samples whose patches fit in PATCH_ELEMENTS."""
-    per_sample = batch[0].size
+def _samples_per_chunk(sample_batch: np.ndarray, layer: LayerSpec) -> int:
+    """How many samples' patches fit in PATCH_ELEMENTS."""
+    per_sample = sample_batch[0].size
     if layer.geometry:
         kh, kw = layer.geometry.kernel
         sh, sw = layer.geometry.strides
         per_sample = per_sample * kh * kw // (sh * sw) + 1
-    rows = max(1, PATCH_ELEMENTS // per_sample)
-    return [slice(i, i + rows) for i in range(0, batch.shape[0], rows)]
+    return max(1, PATCH_ELEMENTS // per_sample)
 
 
 class _Clock:

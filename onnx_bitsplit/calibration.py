@@ -43,6 +43,8 @@ class ImageFolderReader:
         self.size = size
         self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
+        if not (np.isfinite(self.mean).all() and np.isfinite(self.std).all() and (self.std != 0).all()):
+            raise CalibrationError(f"mean and std must be finite and std non-zero, got mean {mean}, std {std}")
         self._next = 0
 
     def __len__(self) -> int:
@@ -185,8 +187,8 @@ def batch_feeds(feeds: Iterable[dict[str, np.ndarray]], shapes: dict[str, list],
     rows_per_batch = min(fixed) if fixed else batch_size
     count = max(count - count % rows_per_batch, rows_per_batch) if fixed else count
     batches, pending, total = [], [], 0
-    for feed in feeds:
-        feed = _checked_feed(feed, shapes, rows_per_batch if fixed else None)
+    for index, feed in enumerate(feeds):
+        feed = _checked_feed(feed, shapes, rows_per_batch if fixed else None, index)
         if pending and _sample_shapes(pending[0]) != _sample_shapes(feed):  # dynamic sizes: no stacking
             batches.append(_concatenate(pending))
             pending = []
@@ -219,9 +221,10 @@ def sample_count(batches: list[dict[str, np.ndarray]]) -> int:
     return sum(map(_rows, batches))
 
 
-def _checked_feed(feed, shapes, fixed_batch: int | None) -> dict[str, np.ndarray]:
+def _checked_feed(feed, shapes, fixed_batch: int | None, index: int) -> dict[str, np.ndarray]:
     """The feed's arrays, checked: every input present, every fixed dimension matching (a fixed
-    batch may come as any multiple of itself), the same number of rows in every input."""
+    batch may come as any multiple of itself), the same number of rows in every input, finite
+    values (one NaN would make every scale and bias NaN)."""
     if not isinstance(feed, dict):
         raise CalibrationError(f"a calibration feed must be a dict of arrays, got {type(feed).__name__}")
     missing = [name for name in shapes if name not in feed]
@@ -238,6 +241,10 @@ def _checked_feed(feed, shapes, fixed_batch: int | None) -> dict[str, np.ndarray
         if not (dims_match and batch_fits):
             raise CalibrationError(
                 f"input '{name}': calibration array has shape {list(value.shape)}, the model expects {expected}")
+        if value.dtype.kind not in "fiub":
+            raise CalibrationError(f"input '{name}': calibration array of type {value.dtype} is not numeric")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise CalibrationError(f"calibration feed {index}: input '{name}' has NaN or infinite values")
         checked[name] = value
     if len({value.shape[0] for value in checked.values()}) > 1:
         raise CalibrationError("a calibration feed has inputs with different numbers of samples")

@@ -119,6 +119,9 @@ def image_options(command):
                    "INT8, which CPU runtimes run as integer kernels.")
 @click.option("--first-last-wbits", default="8", show_default=True,
               help="Weight bits of the first and last layer; 'same' uses --wbits.")
+@click.option("--depthwise-wbits", default="8", show_default=True,
+              help="Weight bits of depthwise Convs (9 weights a row for 3x3: too few for a 4-bit grid; "
+                   "about 1% of the weights); 'same' uses --wbits.")
 @click.option("--bits-per-layer", "layer_bits", multiple=True, metavar="PATTERN=BITS",
               help="Weight bits of the layers whose node name matches PATTERN (a name, or fnmatch "
                    "such as '*depthwise*'; '@depthwise' selects every depthwise Conv); repeatable.")
@@ -148,7 +151,7 @@ def image_options(command):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_count: int, preset: str,
                      mean: str | None, std: str | None, input_size: str | None, input_shapes: tuple[str, ...],
-                     wbits: int, abits: int, weight_storage: str, first_last_wbits: str,
+                     wbits: int, abits: int, weight_storage: str, first_last_wbits: str, depthwise_wbits: str,
                      layer_bits: tuple[str, ...], size_budget: float | None, error_compensation: bool, compensation_blend: float,
                      bias_correction: bool, equalization: bool,
                      iterations: int, damping: float, batch_size: int, report_path: Path | None,
@@ -158,6 +161,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
         config = QuantConfig(
             wbits=wbits, abits=abits, weight_storage=weight_storage,
             first_last_wbits=None if first_last_wbits == "same" else _int(first_last_wbits),
+            depthwise_wbits=None if depthwise_wbits == "same" else _int(depthwise_wbits),
             layer_wbits=_layer_bits(layer_bits), size_budget=size_budget, error_compensation=error_compensation,
             compensation_blend=compensation_blend,
             bias_correction=bias_correction, equalization=equalization,

@@ -26,12 +26,15 @@ class QuantConfig:
         abits: activation bits (per tensor): 8 (int8/uint8) or 16 (int16/uint16). Defaults to 8.
         first_last_wbits: weight bits of the first and last quantized layer; None keeps them at
             `wbits`. Defaults to 8 (the paper's setting).
+        depthwise_wbits: weight bits of depthwise Convs (one output channel per group); None keeps
+            them at `wbits`. A depthwise row has only kh·kw weights (9 for 3x3) for its 4-bit grid,
+            and these layers hold about 1% of a model's weights. Defaults to 8 (README, ablation).
         layer_wbits: weight bits by node name or fnmatch pattern ('*depthwise*'), or for every
             depthwise Conv with the key '@depthwise'; overrides everything above. An exact name
             wins over patterns; among patterns, the first that matches.
         size_budget: choose each layer's bits (4 or 8, by measured sensitivity) so that the
-            output is at most this fraction of the float model's size; replaces wbits and
-            first_last_wbits, layer_wbits still apply. None: no budget. Defaults to None.
+            output is at most this fraction of the float model's size; replaces wbits,
+            first_last_wbits and depthwise_wbits, layer_wbits still apply. None: no budget. Defaults to None.
         error_compensation: take the layer inputs from the partially quantized network and the
             target from the float one. Defaults to True.
         compensation_blend: with error compensation, X~ = blend·(quantized-network input) +
@@ -59,6 +62,7 @@ class QuantConfig:
     wbits: int = 4
     abits: int = 8
     first_last_wbits: int | None = 8
+    depthwise_wbits: int | None = 8
     layer_wbits: dict[str, int] = field(default_factory=dict)
     size_budget: float | None = None
     error_compensation: bool = True
@@ -83,6 +87,8 @@ class QuantConfig:
                 raise BitsplitError(f"input shape of '{name}' must be positive integers, got {shape!r}")
         if self.first_last_wbits is not None:
             _check_bits("first_last_wbits", self.first_last_wbits)
+        if self.depthwise_wbits is not None:
+            _check_bits("depthwise_wbits", self.depthwise_wbits)
         for name, bits in self.layer_wbits.items():
             _check_bits(f"bits of layer '{name}'", bits)
         if self.size_budget is not None and not 0.0 < self.size_budget <= 1.0:

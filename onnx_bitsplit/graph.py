@@ -338,6 +338,8 @@ def _unquantizable(node, weight, weight_index, initializers, uses) -> str | None
         return "Gemm with transA=1 is kept in float"
     if len(node.input) > 2 and node.input[2] and node.input[2] not in initializers:
         return "bias is not a constant"
+    if len(node.input) > 2 and node.input[2] and not np.isfinite(onnx.numpy_helper.to_array(initializers[node.input[2]])).all():
+        return "bias has NaN or infinite values"
     return None
 
 

@@ -17,13 +17,15 @@ Rules, as onnxruntime's own QDQ quantizer applies them:
   operator does (a runtime fuses Conv -> Relu/Clip -> Q only when the Q makes them redundant);
 - operators with a fixed output range (Sigmoid, Softmax, Tanh, HardSigmoid, a Clip below 0) get a
   quantizer spanning exactly that range, as QNN's 16-bit kernels require;
+- graph outputs get a quantizer over their whole calibration range: what reads them (argmax,
+  thresholds, box decoding) lives on the extremes that a clipping quantizer would flatten;
 - constant data inputs of units (an Add's or Mul's operand) become per-tensor integer constants.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
@@ -66,6 +68,7 @@ class TensorQuant:
         upper_bound: the top of the Clip producing the tensor; the scale must keep
             qmax·scale <= upper_bound so that the quantizer saturates where the Clip does.
         fixed_range: (low, high) of an operator with a bounded output: the quantizer spans it.
+        full_range: the quantizer spans the tensor's whole calibration range, no clipping.
     """
 
     name: str
@@ -74,6 +77,7 @@ class TensorQuant:
     removed_node: str | None = None
     upper_bound: float | None = None
     fixed_range: tuple[float, float] | None = None
+    full_range: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,8 @@ def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec]) -> Layout:
             decided[name] = TensorQuant(name, decided[source].signed, shares=_root(source, decided))
         else:
             decided[name] = _own_quantizer(non_negative, name, node, removed, initializers)
+            if name in outputs and decided[name].fixed_range is None:
+                decided[name] = replace(decided[name], full_range=True)
     return Layout(decided, constants, {name: producers[name] for name in decided})
 
 

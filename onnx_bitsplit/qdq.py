@@ -23,11 +23,13 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from . import __version__
 from .capture import quantizer_dtype
 from .graph import IR_VERSION, LayerSpec
 from .layout import ActivationQuant, Layout
 
 INT4_STORAGE, INT8_STORAGE = "int4", "int8"
+PRODUCER = "onnx-bitsplit"
 
 
 @dataclass(frozen=True)
@@ -148,3 +150,27 @@ def _replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
     for position, read in enumerate(node.inputs):
         if read is old:
             node.inputs[position] = new
+
+
+def carry_metadata(source: onnx.ModelProto, target: onnx.ModelProto, *, keep_output_types: bool,
+                   stamp: dict[str, str]) -> None:
+    """Copy into `target` what quantization does not change in `source` (metadata_props, which
+    pipelines read, e.g. an OCR model's character dictionary; doc strings, model version, domain,
+    graph name; input and output doc strings, and the output types unless input shapes were
+    made static), then stamp this tool as the producer with `stamp` as onnx_bitsplit.* metadata."""
+    for field_name in ("doc_string", "model_version", "domain"):
+        setattr(target, field_name, getattr(source, field_name))
+    target.graph.name, target.graph.doc_string = source.graph.name, source.graph.doc_string
+    for values in ("input", "output"):
+        originals = {v.name: v for v in getattr(source.graph, values)}
+        for value in getattr(target.graph, values):
+            original = originals.get(value.name)
+            if original is not None:
+                if values == "output" and keep_output_types:
+                    value.type.CopyFrom(original.type)
+                value.doc_string = original.doc_string
+    del target.metadata_props[:]
+    target.metadata_props.extend(p for p in source.metadata_props if not p.key.startswith(f"{PRODUCER}."))
+    for key, value in stamp.items():
+        target.metadata_props.add(key=f"{PRODUCER}.{key}", value=value)
+    target.producer_name, target.producer_version = PRODUCER, __version__

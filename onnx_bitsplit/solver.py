@@ -180,6 +180,10 @@ class BitSplitSolver:
             history.append(row_losses(R_dT, HT, alpha, qT).sum())
 
         loss = y_energy + row_losses(RT, G @ qT, alpha, qT)
+        # runtimes want positive scales: alpha·q is the same with both signs flipped, and a zero
+        # scale means a zero row
+        qT *= np.where(alpha < 0, -1.0, 1.0)[:, None, :] * (alpha != 0)[:, None, :]
+        alpha = np.where(alpha != 0, np.abs(alpha), 1.0)
         q = qT.transpose(0, 2, 1)
         Wq = alpha[..., None] * q
         bias_shift = (np.einsum("gmn,gn->gm", self.W, self.x_sum)

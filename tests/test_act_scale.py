@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
-from onnx_bitsplit.act_scale import fake_quant, mse_scale, quant_range
+from onnx_bitsplit.act_scale import fake_quant, minmax_affine, mse_scale, quant_range
 
 
 def test_fake_quant_golden():
@@ -59,3 +59,11 @@ def test_mse_scale_is_exact_on_grid_values():
 
 def test_mse_scale_of_zeros_is_finite():
     assert mse_scale(np.zeros(10), 8, signed=True) == 1.0
+
+
+def test_minmax_affine_clips_nothing():
+    x = np.array([-2.0, 0.5, 6.0, 3.0])
+    scale, zero_point = minmax_affine(x, 8)
+    assert scale == pytest.approx(8.0 / 255) and zero_point == 64  # round(2 / (8/255)) = round(63.75)
+    np.testing.assert_allclose(fake_quant(x, scale, 8, False, zero_point), x, atol=scale / 2 + 1e-6)
+    assert minmax_affine(np.array([0.0, 4.0]), 8) == (pytest.approx(4.0 / 255), 0)

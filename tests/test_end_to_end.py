@@ -22,7 +22,7 @@ def test_default_model_w4a8_stays_close_to_float():
     quantized, report = quantize(model, calibration, QuantConfig(wbits=4, calib_count=8))
 
     assert len(report.layers) == 50 and report.skipped == []
-    assert [layer.bits for layer in report.layers].count(4) == 48
+    assert [layer.bits for layer in report.layers].count(4) == 32  # 48 but the 16 depthwise layers
     assert report.quant_bytes < 0.25 * report.float_bytes
     assert all(node.domain in ("", "ai.onnx") for node in quantized.graph.node)
 

@@ -1,6 +1,7 @@
 """quantize() on tiny models: valid QDQ that onnxruntime and onnx.reference run, close to float."""
 
 import collections
+import json
 
 import numpy as np
 import onnx
@@ -48,7 +49,8 @@ def test_w8_is_close_to_float_in_onnxruntime(kind):
 @pytest.mark.parametrize("kind", ["conv", "depthwise_conv", "gemm", "matmul"])
 def test_w4_stores_int4_weights_with_per_channel_scales_and_int32_biases(kind):
     model = BUILDERS[kind]()
-    quantized, report = quantize(model, calibration_feeds(model), QuantConfig(wbits=4, first_last_wbits=None))
+    quantized, report = quantize(model, calibration_feeds(model),
+                                 QuantConfig(wbits=4, first_last_wbits=None, depthwise_wbits=None))
     initializers = {t.name: t for t in quantized.graph.initializer}
     producers = {output: node for node in quantized.graph.node for output in node.output}
     quantized_layers = [n for n in quantized.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
@@ -92,11 +94,16 @@ def test_first_and_last_layer_bits_and_overrides():
     assert [layer.bits for layer in report.layers] == [4, 4, 6]  # the exact name wins
 
 
-def test_depthwise_selector():
+def test_depthwise_layers_keep_8_bits_unless_asked():
     model = conv_model(groups=16)
-    _, report = quantize(model, calibration_feeds(model, count=4),
-                         QuantConfig(wbits=3, first_last_wbits=None, layer_wbits={"@depthwise": 8}))
+    feeds = calibration_feeds(model, count=4)
+    _, report = quantize(model, feeds, QuantConfig(wbits=3, first_last_wbits=None))
     assert [layer.bits for layer in report.layers] == [3, 8, 3]
+    _, report = quantize(model, feeds, QuantConfig(wbits=3, first_last_wbits=None, depthwise_wbits=None))
+    assert [layer.bits for layer in report.layers] == [3, 3, 3]
+    _, report = quantize(model, feeds, QuantConfig(wbits=3, first_last_wbits=None, depthwise_wbits=None,
+                                                   layer_wbits={"@depthwise": 5}))
+    assert [layer.bits for layer in report.layers] == [3, 5, 3]
 
 
 def test_bit_split_beats_round_to_nearest_per_layer():
@@ -173,3 +180,22 @@ def test_16_bit_activations_are_uint16_and_closer_to_float():
         assert zero_points and all(t.data_type == expected for t in zero_points)
         errors[abits] = sqnr_db(outputs(model, held_out), outputs(quantized, held_out))
     assert errors[16] > errors[8] + 3
+
+
+def test_what_quantization_does_not_change_is_carried_over():
+    """Pipelines read metadata_props (an OCR model's character dictionary), names and doc strings."""
+    model = conv_model()
+    model.doc_string, model.model_version, model.domain = "a classifier", 7, "com.example"
+    model.graph.name, model.graph.doc_string = "net", "the graph"
+    model.graph.input[0].doc_string, model.graph.output[0].doc_string = "image", "scores"
+    onnx.helper.set_model_props(model, {"character": "a\nb\nc", "labels": "cat,dog"})
+    quantized, _ = quantize(model, calibration_feeds(model, 4), QuantConfig(wbits=4))
+    assert (quantized.doc_string, quantized.model_version, quantized.domain) == ("a classifier", 7, "com.example")
+    assert (quantized.graph.name, quantized.graph.doc_string) == ("net", "the graph")
+    assert [v.name for v in quantized.graph.input] == ["x"] and [v.name for v in quantized.graph.output] == ["y"]
+    assert quantized.graph.input[0].doc_string == "image" and quantized.graph.output[0].doc_string == "scores"
+    assert quantized.graph.output[0].type == model.graph.output[0].type
+    props = {p.key: p.value for p in quantized.metadata_props}
+    assert props["character"] == "a\nb\nc" and props["labels"] == "cat,dog"
+    assert quantized.producer_name == "onnx-bitsplit" and props["onnx-bitsplit.calibration_samples"] == "4"
+    assert json.loads(props["onnx-bitsplit.layer_bits"]) == {"conv1": 8, "conv2": 4, "conv3": 8}

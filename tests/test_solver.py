@@ -128,3 +128,14 @@ def test_statistics_over_many_row_blocks_are_exact(rng, outputs):
     np.testing.assert_allclose(solver.C, x64.swapaxes(1, 2) @ x_tilde64, **tolerance)
     np.testing.assert_allclose(solver.y_energy, ((x64 @ W.swapaxes(1, 2)) ** 2).sum(axis=1), **tolerance)
     np.testing.assert_allclose(solver.x_sum, x64.sum(axis=1), rtol=1e-5, atol=1e-6 * x.shape[1])
+
+
+def test_scales_are_positive_even_where_the_best_fit_flips_the_sign(rng):
+    """X~ = -X makes the best response Wq = -W: the scales stay positive and q takes the sign."""
+    W = rng.normal(size=(1, 4, 6))
+    x = rng.normal(size=(1, 300, 6)).astype(np.float32)
+    solver = BitSplitSolver(W)
+    solver.add_batch(-x, x)
+    solution = solver.solve(4, damping=0.0)
+    assert (solution.alpha > 0).all()
+    assert (np.sign(solution.dequantized()) == -np.sign(W)).mean() > 0.8

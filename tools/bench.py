@@ -1,24 +1,33 @@
-"""Benchmark: quantize one model several ways on the same calibration images and evaluate every
-result on the same held-out images.
+"""Benchmark: quantize one model several ways on the same calibration images, evaluate every result
+on the same held-out images, and run it where users deploy it.
 
-    python tools/bench.py                        # EfficientNet-Lite0 from ../shared, all methods
+    python tools/bench.py                        # EfficientNet-Lite0 from ../shared, the main methods
     python tools/bench.py --methods float,bitsplit-ec-w4 --calib-count 64
 
 Calibration uses the first --calib-count images of --images (sorted by name) and evaluation the
 rest; with --calib-last, the last --calib-count images calibrate and the ones before them evaluate
-(a second split, to check that a default chosen on the first one holds).
-Labels come from the file names (`CCC_wnid_name.jpg` -> int(CCC)). Columns: top-1, argmax agreement
-with the float model, conversion seconds, output size, onnxruntime CPU latency (median of batch-1
-runs). The markdown table goes to stdout and to --out.
+(a second split, to check that a default chosen on the first one holds). Labels come from the file
+names (`CCC_wnid_name.jpg` -> int(CCC)). Every model is written with a static batch-1 input
+(`--input-shape 1xCxHxW`, what NPUs need; onnxruntime's rows go through its quant_pre_process at
+that shape), so every row can be deployed as it is.
+
+Columns: top-1, argmax agreement with the float model, conversion seconds, file size, and per
+runtime: onnxruntime CPU batch-1 latency and its integer ops after its optimizer (QLinear*, QGemm;
+"float" counts the Conv/Gemm/MatMul left in float), OpenVINO CPU batch-1 latency and how many of
+its Convolution/FullyConnected layers run in u8/i8, and whether QNN HTP (onnxruntime-qnn) takes the
+whole graph without CPU fallback. Latencies are measured interleaved (every model once per round,
+--rounds rounds of --runs runs) and the best median is kept: the machine is shared and noisy.
+The markdown table goes to stdout and to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +36,14 @@ import onnxruntime as ort
 
 from onnx_bitsplit import ImageFolderReader, QuantConfig, quantize
 from onnx_bitsplit.calibration import PRESETS
-from onnx_bitsplit.graph import find_layers, prepare
+from onnx_bitsplit.errors import BitsplitError
+from onnx_bitsplit.graph import find_layers, prepare, set_input_shapes
+from onnx_bitsplit.providers import open_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+INTEGER_OPS = ("QLinear", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantize")
+FLOAT_LAYERS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,13 @@ METHODS = {m.label: m for m in [
     *[_ours(f"rtn-w{b}", b, **RTN) for b in (8, 4, 3)],
     *[_ours(f"bitsplit-w{b}", b, error_compensation=False) for b in (8, 4, 3)],
     *[_ours(f"bitsplit-ec-w{b}", b) for b in (8, 4, 3)],
+    _ours("bitsplit-ec-w4-int8", 4, weight_storage="int8"),
+    _ours("bitsplit-ec-w3-int8", 3, weight_storage="int8"),
+    _ours("bitsplit-ec-w8a16", 8, abits=16),
+    _ours("bitsplit-ec-w4a16", 4, abits=16),
 ]}
+DEFAULT_METHODS = ("float,ort-minmax-w8,ort-minmax-w4,rtn-w4,bitsplit-w4,bitsplit-ec-w8,bitsplit-ec-w4,"
+                   "bitsplit-ec-w4-int8,bitsplit-ec-w3,bitsplit-ec-w3-int8")
 
 
 def main(argv=None) -> int:
@@ -82,20 +101,23 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-count", type=int, default=256)
     parser.add_argument("--calib-last", action="store_true",
                         help="calibrate on the last --calib-count images, evaluate on the ones before them")
-    parser.add_argument("--methods", default=",".join(METHODS),
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help=f"comma-separated, from: {', '.join(METHODS)}; or the ablations "
                              f"{', '.join(ABLATIONS)}")
+    parser.add_argument("--rounds", type=int, default=5, help="latency rounds (the best median is kept)")
+    parser.add_argument("--runs", type=int, default=20, help="timed batch-1 runs per model and round")
     parser.add_argument("--out", type=Path, default=Path("bench.md"))
-    parser.add_argument("--keep", type=Path, help="keep the quantized models in this folder")
+    parser.add_argument("--keep", type=Path, help="keep the models in this folder")
     args = parser.parse_args(argv)
 
     model = onnx.load(args.model)
     input_name = model.graph.input[0].name
-    size = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[2:])
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    shape = (1, *dims[1:])
     mean, std = PRESETS[args.preset]
 
     def reader(calibration: bool):
-        r = ImageFolderReader(args.images, input_name, size, mean=mean, std=std)
+        r = ImageFolderReader(args.images, input_name, shape[2:], mean=mean, std=std)
         split = len(r.paths) - args.calib_count if args.calib_last else args.calib_count
         first, second = r.paths[:split], r.paths[split:]
         r.paths = (second if args.calib_last else first) if calibration else (first if args.calib_last else second)
@@ -106,17 +128,26 @@ def main(argv=None) -> int:
     labels = np.array([int(p.name[:3]) for p in held_out.paths])
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    float_predictions = predict(args.model, input_name, x)
+    static_float = workdir / "float.onnx"
+    float_model = onnx.load(args.model)
+    set_input_shapes(float_model, {input_name: shape})
+    onnx.save(onnx.shape_inference.infer_shapes(float_model), static_float)
+    float_predictions = predict(static_float, input_name, x)
 
-    rows = []
+    rows, paths = [], []
     for label in args.methods.split(","):
         method = {**METHODS, **ABLATIONS}[label]
-        path = args.model if label == "float" else workdir / f"{label}.onnx"
-        seconds = 0.0 if label == "float" else convert(method, args.model, path, lambda: reader(calibration=True))
+        path = static_float if label == "float" else workdir / f"{label}.onnx"
+        seconds = 0.0 if label == "float" else convert(
+            method, static_float, path, lambda: reader(calibration=True), {input_name: shape})
         predictions = predict(path, input_name, x)
-        rows.append((label, 100 * (predictions == labels).mean(), 100 * (predictions == float_predictions).mean(),
-                     seconds, path.stat().st_size / 2**20, latency_ms(path, input_name, x[:1])))
-        print(f"{label}: top-1 {rows[-1][1]:.1f}%", file=sys.stderr, flush=True)
+        rows.append({"method": label, "top1": 100 * (predictions == labels).mean(),
+                     "agree": 100 * (predictions == float_predictions).mean(), "seconds": seconds,
+                     "mib": path.stat().st_size / 2**20, **onnxruntime_ops(path, workdir), **deployment(path)})
+        paths.append(path)
+        print(f"{label}: top-1 {rows[-1]['top1']:.1f}%", file=sys.stderr, flush=True)
+    for row, ort_ms, ov_ms in zip(rows, *interleaved_latencies(paths, {input_name: x[:1]}, args.rounds, args.runs)):
+        row.update(ort_ms=ort_ms, ov_ms=ov_ms)
 
     table = markdown(rows, args, len(labels))
     args.out.write_text(table)
@@ -124,12 +155,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def convert(method: Method, model_path: Path, path: Path, calibration) -> float:
+def convert(method: Method, model_path: Path, path: Path, calibration, shapes: dict) -> float:
     """Seconds to load, quantize and save (onnxruntime is given the path: it edits a ModelProto
     it is given in place)."""
     start = time.perf_counter()
     if method.config is not None:
-        quantized, _ = quantize(onnx.load(model_path), calibration(), method.config)
+        quantized, _ = quantize(onnx.load(model_path), calibration(), replace(method.config, input_shapes=shapes))
         onnx.save(quantized, path)
     else:
         ort_quantize(model_path, path, calibration(), method.ort_bits, method.ort_calibration)
@@ -137,49 +168,94 @@ def convert(method: Method, model_path: Path, path: Path, calibration) -> float:
 
 
 def ort_quantize(model_path: Path, path: Path, reader, bits: int, calibration: str) -> None:
-    """onnxruntime's quantize_static: QDQ, per-channel weights, uint8 activations; at 4 bits the
-    first and last layer keep 8-bit weights, as ours do."""
+    """onnxruntime's quant_pre_process, then quantize_static: QDQ, per-channel weights, uint8
+    activations; at 4 bits (INT4 weights) the first and last layer keep 8-bit weights, as ours do."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    prepared = path.with_suffix(".pre.onnx")
+    quant_pre_process(str(model_path), str(prepared))
     overrides = {}
     if bits == 4:
-        layers, _ = find_layers(prepare(onnx.load(model_path)))
+        layers, _ = find_layers(prepare(onnx.load(prepared)))
         overrides = {layers[i].weight_name: [{"quant_type": QuantType.QInt8}] for i in (0, -1)}
     quantize_static(
-        str(model_path), str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+        str(prepared), str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt4 if bits == 4 else QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, calibration),
         extra_options={"TensorQuantOverrides": overrides} if overrides else None)
+    prepared.unlink()
 
 
-def predict(path: Path, input_name: str, x: np.ndarray, batch: int = 32) -> np.ndarray:
+def predict(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, {input_name: x[i:i + batch]})[0].argmax(1)
-                           for i in range(0, len(x), batch)])
+    return np.concatenate([session.run(None, {input_name: x[i:i + 1]})[0].argmax(1) for i in range(len(x))])
 
 
-def latency_ms(path: Path, input_name: str, x: np.ndarray, runs: int = 30) -> float:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    session.run(None, {input_name: x})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {input_name: x})
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+def onnxruntime_ops(path: Path, workdir: Path) -> dict:
+    """Integer ops and the Conv/Gemm/MatMul left in float after onnxruntime's CPU optimizer."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(workdir / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(workdir / "optimized.onnx").graph.node)
+    return {"int_ops": sum(c for op, c in ops.items() if op.startswith(INTEGER_OPS)),
+            "float_layers": sum(c for op, c in ops.items() if op in FLOAT_LAYERS)}
 
 
-def markdown(rows, args, evaluated: int) -> str:
+def deployment(path: Path) -> dict:
+    """OpenVINO's integer layers (of all its weighted layers) and whether QNN HTP takes the whole
+    graph; '-' where the package is missing."""
+    model = onnx.load(path)
+    result = {}
+    try:
+        placement = open_runner(model, "openvino").placement
+        layers = sum(1 for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul"))
+        result["ov_int"] = f"{layers - len(placement.fallbacks)}/{layers}"
+    except BitsplitError:
+        result["ov_int"] = "-"
+    try:
+        result["qnn"] = "yes" if open_runner(model, "qnn").placement.whole else "no"
+    except BitsplitError:
+        result["qnn"] = "-"
+    return result
+
+
+def interleaved_latencies(paths: list[Path], feed: dict, rounds: int, runs: int) -> tuple[list, list]:
+    """Batch-1 latency in ms of every model on onnxruntime CPU and on OpenVINO CPU: each round runs
+    every model in turn, and each model keeps its best median over the rounds."""
+    runners = {"cpu": [open_runner(onnx.load(p), "cpu") for p in paths]}
+    try:
+        runners["openvino"] = [open_runner(onnx.load(p), "openvino") for p in paths]
+    except BitsplitError:
+        pass
+    best = {name: [float("inf")] * len(paths) for name in runners}
+    for _ in range(rounds):
+        for name, group in runners.items():
+            for index, runner in enumerate(group):
+                runner.run(feed)
+                times = []
+                for _ in range(runs):
+                    start = time.perf_counter()
+                    runner.run(feed)
+                    times.append(time.perf_counter() - start)
+                best[name][index] = min(best[name][index], 1000 * float(np.median(times)))
+    return best["cpu"], best.get("openvino", [float("nan")] * len(paths))
+
+
+def markdown(rows: list[dict], args, evaluated: int) -> str:
     where = ("last", "before") if args.calib_last else ("first", "after")
     lines = [
         f"Model `{args.model.name}`, calibration: {where[0]} {args.calib_count} images of `{args.images.name}`, "
-        f"evaluation: the {evaluated} {where[1]} them.",
+        f"evaluation: the {evaluated} {where[1]} them; batch-1 static input.",
         "",
-        "| method | top-1 % | agreement with float % | conversion s | size MiB | latency ms (batch 1) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| method | top-1 % | agreement % | conversion s | size MiB | ORT CPU ms | ORT integer ops (float layers) "
+        "| OpenVINO ms | OpenVINO int8 layers | QNN HTP whole |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
     ]
-    lines += [f"| {label} | {top1:.1f} | {agree:.1f} | {seconds:.0f} | {size:.2f} | {latency:.1f} |"
-              for label, top1, agree, seconds, size, latency in rows]
+    lines += [f"| {r['method']} | {r['top1']:.1f} | {r['agree']:.1f} | {r['seconds']:.0f} | {r['mib']:.2f} | "
+              f"{r['ort_ms']:.2f} | {r['int_ops']} ({r['float_layers']}) | {r['ov_ms']:.2f} | {r['ov_int']} | {r['qnn']} |"
+              for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -1,12 +1,16 @@
 """onnx-bitsplit: low-bit QDQ ONNX models by Bit-Split and Stitching post-training quantization."""
 
+import importlib
+
 __version__ = "0.1.0"
+_EXPORTS = {"quantize": "api", "QuantConfig": "config", "Report": "report", "LayerReport": "report",
+            "ImageFolderReader": "calibration", "NpyReader": "calibration", "BitsplitError": "errors"}
+__all__ = list(_EXPORTS)
 
-from .api import quantize  # noqa: E402  (submodules read __version__)
-from .calibration import ImageFolderReader, NpyReader
-from .config import QuantConfig
-from .errors import BitsplitError
-from .report import LayerReport, Report
 
-__all__ = ["quantize", "QuantConfig", "Report", "LayerReport", "ImageFolderReader", "NpyReader",
-           "BitsplitError"]
+def __getattr__(name: str):
+    """The public names, imported on first use: onnx and onnxruntime take a second to import, and
+    the command's entry point (__main__) must be able to catch Ctrl-C while they do."""
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ from .act_scale import fake_quant, minmax_affine, mse_affine, mse_scale, quant_r
 from .calibration import as_feeds, batch_feeds, input_shapes, sample_count
 from .capture import NetworkStreams
 from .providers import make_session
-from .config import QuantConfig
+from .config import QuantConfig, memory_limit
 from .equalize import equalize
 from .errors import BitsplitError, ModelError
 from .graph import LayerSpec, find_layers, prepare
@@ -54,7 +54,7 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
     report = Report()
     phase = _Clock(report.phase_seconds)
     with phase("prepare"):
-        prepared = prepare(model, config.input_shapes)
+        prepared = prepare(model, config.input_shapes, max_bytes=memory_limit(config.max_memory))
         layers, report.skipped = find_layers(prepared)
         if not layers:
             raise ModelError("the model has no Conv, Gemm or MatMul with a constant weight to quantize")

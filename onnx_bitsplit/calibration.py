@@ -6,6 +6,8 @@ onnxruntime CalibrationDataReader works unchanged; so does any iterable of feed 
 
 from __future__ import annotations
 
+import math
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -73,15 +75,17 @@ class NpyReader:
     Args:
         path: one .npy/.npz file or a folder of them (sorted by name).
         input_names: the model's inputs.
+        max_bytes: refuse an array larger than this, from its header, before reading it.
     """
 
-    def __init__(self, path: str | Path, input_names: list[str]):
+    def __init__(self, path: str | Path, input_names: list[str], *, max_bytes: int | None = None):
         path = Path(path)
         self.paths = [path] if path.is_file() else sorted(
             p for p in _listdir(path) if p.suffix.lower() in ARRAY_SUFFIXES)
         if not self.paths:
             raise CalibrationError(f"no .npy or .npz files in '{path}'")
         self.input_names = input_names
+        self.max_bytes = max_bytes
         self._next = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -105,14 +109,31 @@ class NpyReader:
                     raise CalibrationError(
                         f"'{path.name}': a .npy file feeds a single-input model; use .npz keyed by "
                         f"{', '.join(self.input_names)}")
+                with open(path, "rb") as file:
+                    self._check_size(path.name, file)
                 return {self.input_names[0]: np.load(path, allow_pickle=False)}
             with np.load(path, allow_pickle=False) as archive:
                 missing = [n for n in self.input_names if n not in archive.files]
                 if missing:
                     raise CalibrationError(f"'{path.name}' has no array named {', '.join(missing)}")
+                for name in self.input_names:
+                    with archive.zip.open(f"{name}.npy") as member:
+                        self._check_size(f"{path.name}:{name}", member)
                 return {n: archive[n] for n in self.input_names}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise CalibrationError(f"cannot read '{path.name}': {exc}") from None
+
+    def _check_size(self, what: str, file) -> None:
+        """Refuse an array whose header declares more than max_bytes (a small compressed file can)."""
+        if self.max_bytes is None:
+            return
+        version = np.lib.format.read_magic(file)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)(file)
+        size = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+        if size > self.max_bytes:
+            raise CalibrationError(f"'{what}' holds an array of {size / 2**30:.1f} GiB, over the memory limit of "
+                                   f"{self.max_bytes / 2**30:.1f} GiB (--max-memory)")
 
 
 def image_paths(folder: str | Path) -> list[Path]:
@@ -129,20 +150,27 @@ def _listdir(folder: Path) -> list[Path]:
 
 
 def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """An image as (3, height, width) float32 RGB pixels in [0, 255], resized and center-cropped."""
+    """An image as (3, height, width) float32 RGB pixels in [0, 255]: the short side resized to
+    max(size) / CROP_FRACTION, then the center cropped to `size`.
+
+    Memory stays bounded by the output, whatever the file declares: JPEGs are decoded at the
+    smallest size the decoder offers above the one needed, only the crop's source box is resized,
+    and images over PIL's decompression-bomb limit are refused."""
     from PIL import Image, UnidentifiedImageError
 
     height, width = size
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
             scale = max(height, width) / CROP_FRACTION / min(image.size)
+            image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
+            image = image.convert("RGB")
+            scale = max(height, width) / CROP_FRACTION / min(image.size)  # the draft may have shrunk it
             resized = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
-            image = image.resize(resized, Image.BILINEAR)
             left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
-            image = image.crop((left, top, left + width, top + height))
+            box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
+            image = image.resize((width, height), Image.BILINEAR, box=box)
             return np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise CalibrationError(f"cannot read image '{path.name}': {exc}") from None
 
 

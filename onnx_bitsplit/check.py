@@ -33,6 +33,8 @@ class OutputComparison:
             per-sample average would be noise for outputs that are near zero on most samples).
         sqnr_db: signal-to-quantization-noise ratio over all values (inf when identical).
         max_abs_error: the largest |y - y_q|.
+        finite: both models' outputs are finite; when not, the figures mean nothing and the
+            check fails whatever its thresholds.
     """
 
     name: str
@@ -42,6 +44,7 @@ class OutputComparison:
     cosine: float
     sqnr_db: float
     max_abs_error: float
+    finite: bool = True
 
 
 @dataclass
@@ -75,7 +78,8 @@ class CheckReport:
         return "\n".join(lines)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        """Strict JSON: non-finite numbers (the SQNR of identical outputs) are null."""
+        return json.dumps(strict_json(asdict(self)), indent=2, allow_nan=False)
 
     def failures(self, *, min_agree: float | None = None, min_sqnr: float | None = None) -> list[str]:
         """One line for each output below a gate."""
@@ -83,6 +87,9 @@ class CheckReport:
         if not self.placement.whole:
             failed.append(f"{len(self.placement.fallbacks)} nodes did not run on {self.placement.provider}")
         for o in self.outputs:
+            if not o.finite:
+                failed.append(f"output '{o.name}': not finite (NaN or infinite values)")
+                continue
             if min_agree is not None and o.agreement < min_agree:
                 failed.append(f"output '{o.name}': agreement {o.agreement:.4f} < {min_agree}")
             if min_sqnr is not None and o.sqnr_db < min_sqnr:
@@ -124,9 +131,23 @@ def compare(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, feeds, *
     return report
 
 
+def strict_json(value):
+    """The value with every non-finite float replaced by None, for a strict JSON parser."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
 def compare_output(name: str, y: np.ndarray, y_q: np.ndarray, labels: np.ndarray | None) -> OutputComparison:
     """The figures of one output; y and y_q are (samples, ...) arrays."""
     y, y_q = y.astype(np.float64), y_q.astype(np.float64)
+    finite = bool(np.isfinite(y).all() and np.isfinite(y_q).all())
+    if not finite:
+        return OutputComparison(name, 0.0, None, None, float("nan"), float("nan"), float("nan"), finite=False)
     noise = ((y - y_q) ** 2).sum()
     norms = np.linalg.norm(y) * np.linalg.norm(y_q)
     cosine = (y * y_q).sum() / norms if norms > 0 else float(noise == 0)

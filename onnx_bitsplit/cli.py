@@ -1,13 +1,19 @@
 """The `onnx-bitsplit` command: flags -> QuantConfig, files in and out, errors -> exit codes.
 
-    onnx-bitsplit IN.onnx OUT.onnx --calib DIR ...      quantize (the main job)
-    onnx-bitsplit check FLOAT.onnx QUANT.onnx --data DIR  compare a quantized model with its float one
+    onnx-bitsplit IN.onnx OUT.onnx --calib DIR ...            quantize (the default command)
+    onnx-bitsplit check FLOAT.onnx QUANT.onnx --data DIR ...  compare a quantized model with its float one
+
+Exit codes: 0 done; 1 an error (bad input, a failed conversion: one `Error:` line); 2 a usage
+error (an unknown option, a bad option value, a missing argument: one `Error:` line); 3 check found
+the quantized model below a --min-* gate, or not running whole on --provider; 128 + the signal's
+number when interrupted (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP). Nothing is left behind on any of them.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-import tempfile
+import traceback
 import warnings
 from contextlib import contextmanager
 from dataclasses import replace
@@ -16,46 +22,49 @@ from pathlib import Path
 import click
 import onnx
 
+from . import __version__
 from .api import quantize
 from .calibration import ARRAY_SUFFIXES, PRESETS, ImageFolderReader, NpyReader, labels_from_names
 from .check import compare
-from .config import QuantConfig
-from .errors import BitsplitError, CalibrationError, ModelError
-from .modelio import load_model, save_model, write_text_atomic
+from .config import QuantConfig, memory_limit
+from .errors import BitsplitError, CalibrationError, Terminated
+from .modelio import OutputFiles, check_output_paths, load_model, model_files, save_model, weights_path
 from .providers import PROVIDERS
+from .report import printable
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_GATE = 3  # check: the quantized model is below a --min-* gate
-EXIT_INTERRUPTED = 130
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class CommandError(click.ClickException):
-    """Printed as one line, `Error: ...`, with exit code 1; text from a model (names with line
-    breaks or control characters) cannot break the line."""
+    """Printed as one line, `Error: ...`; text from a model (names with line breaks or control
+    characters) cannot break the line."""
 
-    exit_code = EXIT_ERROR
-
-    def __init__(self, message: str):
-        super().__init__("".join(c if c.isprintable() else "?" for c in " ".join(message.split())))
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR):
+        super().__init__(printable(" ".join(message.split())))
+        self.exit_code = exit_code
 
 
 @contextmanager
-def _one_line_errors():
-    """Every failure becomes one `Error: ...` line and a non-zero exit, never a traceback; numeric
-    warnings on odd input are not the user's business."""
+def _one_line_errors(verbose: bool = False):
+    """Every failure becomes one `Error: ...` line and its exit code, never a traceback (unless
+    --verbose asks for it); numeric warnings on odd input are not the user's business."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     except click.ClickException:
         raise
-    except BitsplitError as exc:
-        raise CommandError(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo("Error: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except Exception as exc:  # a library failing on input nobody foresaw: still one line
+    except (KeyboardInterrupt, Terminated) as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else 2
+        raise CommandError(Terminated.describe(signum), 128 + signum) from None
+    except Exception as exc:  # ours name the culprit; a library failing on odd input: still one line
+        if verbose:
+            traceback.print_exc()
+        if isinstance(exc, BitsplitError):
+            raise CommandError(str(exc)) from None
         lines = str(exc).strip().splitlines()
         raise CommandError(f"{type(exc).__name__}: {lines[0] if lines else 'failed'}") from None
 
@@ -82,16 +91,12 @@ def _layer_bits(pairs: tuple[str, ...]) -> dict[str, int]:
     return bits
 
 
-def main(argv: list[str] | None = None):
-    """Entry point: `check` as the first word selects the check command, anything else quantizes."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] == "check":
-        return check_command.main(args[1:], prog_name="onnx-bitsplit check")
-    return quantize_command.main(args, prog_name="onnx-bitsplit")
-
-
-def image_options(command):
-    """--preset, --mean, --std and --input-size, shared by both commands."""
+def data_options(command):
+    """--preset, --mean, --std, --input-size and --max-memory, shared by both commands."""
+    command = click.option("--max-memory", metavar="SIZE", callback=lambda ctx, param, value: _bytes(value),
+                           help="Refuse, before allocating it, any single input (a model's weights, a "
+                                "calibration array, a constant it folds) larger than this, e.g. 4G.  "
+                                "[default: half the machine's memory]")(command)
     command = click.option("--input-size", metavar="HxW",
                            help="Image size for models whose input size is dynamic, e.g. 640x640.")(command)
     command = click.option("--std", help="Per-channel std in pixel units (overrides --preset), e.g. 58.4,57.1,57.4.")(command)
@@ -107,7 +112,7 @@ def image_options(command):
               help="Calibration data: a folder of images, or .npy/.npz input tensors (a file or folder).")
 @click.option("--calib-count", default=256, show_default=True, type=int,
               help="Use at most this many calibration samples.")
-@image_options
+@data_options
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="[NAME=]DIMS",
               help="Static input shape, e.g. 1x3x224x224 (NAME=DIMS for one of several inputs; "
                    "repeatable): the output has it and calibration runs at it. NPUs need static shapes.")
@@ -149,15 +154,17 @@ def image_options(command):
 @click.option("--external-data", is_flag=True,
               help="Store the weights in OUT.onnx.data beside the output (automatic above 2 GiB).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--verbose", "-v", is_flag=True, help="On an error, print the full traceback before its line.")
 def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_count: int, preset: str,
-                     mean: str | None, std: str | None, input_size: str | None, input_shapes: tuple[str, ...],
+                     mean: str | None, std: str | None, input_size: str | None, max_memory: int | None,
+                     input_shapes: tuple[str, ...],
                      wbits: int, abits: int, weight_storage: str, first_last_wbits: str, depthwise_wbits: str,
                      layer_bits: tuple[str, ...], size_budget: float | None, error_compensation: bool, compensation_blend: float,
                      bias_correction: bool, equalization: bool,
                      iterations: int, damping: float, batch_size: int, report_path: Path | None,
-                     external_data: bool, quiet: bool):
+                     external_data: bool, quiet: bool, verbose: bool):
     """Quantize a float ONNX model to a low-bit QDQ model with Bit-Split and Stitching."""
-    with _one_line_errors():
+    with _one_line_errors(verbose):
         config = QuantConfig(
             wbits=wbits, abits=abits, weight_storage=weight_storage,
             first_last_wbits=None if first_last_wbits == "same" else _int(first_last_wbits),
@@ -166,19 +173,27 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
             compensation_blend=compensation_blend,
             bias_correction=bias_correction, equalization=equalization,
             iterations=iterations, damping=damping,
-            batch_size=batch_size, calib_count=calib_count)
-        _check_paths(input_path, output_path)
-        model = load_model(input_path)
+            batch_size=batch_size, calib_count=calib_count, max_memory=max_memory)
+        if not input_path.is_file():
+            raise BitsplitError(f"input model '{input_path}' does not exist or is not a file")
+        inputs = model_files(input_path)
+        check_output_paths({"output": output_path, "weights file": weights_path(output_path), "report": report_path},
+                           inputs + _data_files(calib))
+        float_bytes = sum(path.stat().st_size for path in inputs)
+        limit = memory_limit(max_memory)
+        model = load_model(input_path, max_bytes=limit)
         config = replace(config, input_shapes=_input_shapes(model, input_shapes))
-        reader = _reader(model, calib, calib_count, preset, mean, std, input_size, config.input_shapes)
+        reader = _reader(model, calib, calib_count, preset, mean, std, input_size, limit, config.input_shapes)
         quantized, report = _quantize_with_progress(model, reader, config, quiet)
-        data_path = save_model(quantized, output_path, external_data=external_data or None)
-        if report_path:
-            write_text_atomic(report_path, report.to_json())
-    if not quiet:
-        report.float_bytes, report.quant_bytes = input_path.stat().st_size, output_path.stat().st_size
-        click.echo(report.summary(), err=True)
-        click.echo(f"wrote {output_path}" + (f" and {data_path}" if data_path else ""), err=True)
+        with OutputFiles() as files:
+            data_path = save_model(quantized, output_path, external_data=external_data or None, files=files)
+            if report_path:
+                files.write(report_path, report.to_json().encode())
+        if not quiet:
+            report.float_bytes = float_bytes
+            report.quant_bytes = files.sizes[output_path] + files.sizes.get(data_path, 0)
+            click.echo(report.summary(), err=True)
+            click.echo(f"wrote {output_path}" + (f" and {data_path}" if data_path else ""), err=True)
 
 
 @click.command(context_settings=CONTEXT)
@@ -187,7 +202,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Inputs: a folder of images, or .npy/.npz input tensors (a file or folder).")
 @click.option("--count", type=int, help="Use at most this many samples.  [default: all]")
-@image_options
+@data_options
 @click.option("--labels", "labels_path", type=click.Path(path_type=Path),
               help="Class of each sample, one integer a line in sample order. Without it, image names "
                    "that start with a class number (CCC_name.jpg) give the labels.")
@@ -199,13 +214,15 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
                    "exit with 3 unless the whole graph runs there.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def check_command(float_path: Path, quant_path: Path, data: Path, count: int | None, preset: str,
-                  mean: str | None, std: str | None, input_size: str | None, labels_path: Path | None, min_agree: float | None,
+                  mean: str | None, std: str | None, input_size: str | None, max_memory: int | None,
+                  labels_path: Path | None, min_agree: float | None,
                   min_sqnr: float | None, provider: str, as_json: bool):
     """Run a float model and its quantized version on the same inputs and compare them: argmax
     agreement, top-1 where labels are known, cosine similarity, SQNR, max error, latency."""
     with _one_line_errors():
-        float_model, quant_model = load_model(float_path), load_model(quant_path)
-        reader = _reader(quant_model, data, count, preset, mean, std, input_size)
+        limit = memory_limit(max_memory)
+        float_model, quant_model = load_model(float_path, max_bytes=limit), load_model(quant_path, max_bytes=limit)
+        reader = _reader(quant_model, data, count, preset, mean, std, input_size, limit)
         labels = _labels(reader, labels_path)
         report = compare(float_model, quant_model, reader, labels=labels, count=count, provider=provider)
     click.echo(report.to_json() if as_json else report.table())
@@ -225,6 +242,21 @@ def _labels(reader, labels_path: Path | None) -> list[int] | None:
         return [int(line) for line in labels_path.read_text().split()]
     except (UnicodeDecodeError, ValueError):
         raise CalibrationError(f"labels file '{labels_path}' must hold one integer a line") from None
+
+
+def _bytes(text: str | None) -> int | None:
+    """'512M', '4G', '1.5G' or a number of bytes."""
+    if text is None:
+        return None
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    number, unit = (text[:-1], units[text[-1].lower()]) if text and text[-1].lower() in units else (text, 1)
+    try:
+        size = int(float(number) * unit)
+    except (ValueError, OverflowError):
+        size = 0
+    if size <= 0:
+        raise click.BadParameter(f"expected a size such as 4G or 512M, got '{text}'")
+    return size
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -259,31 +291,22 @@ def _input_shapes(model: onnx.ModelProto, texts: tuple[str, ...]) -> dict[str, t
     return shapes
 
 
-def _check_paths(input_path: Path, output_path: Path) -> None:
-    """Fail before any work when the output could not be written or would replace the input."""
-    if not input_path.is_file():
-        raise ModelError(f"input model '{input_path}' does not exist or is not a file")
-    if output_path.exists() and output_path.resolve() == input_path.resolve():
-        raise BitsplitError("the output path is the input path; the input is never overwritten")
-    folder = output_path.parent
-    if not folder.is_dir():
-        raise BitsplitError(f"output folder '{folder}' does not exist")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError:
-        raise BitsplitError(f"output folder '{folder}' is not writable") from None
+def _data_files(path: Path) -> list[Path]:
+    """The files a --calib or --data path reads."""
+    if path.is_dir():
+        return [p for p in path.iterdir() if p.is_file()]
+    return [path] if path.exists() else []
 
 
 def _reader(model: onnx.ModelProto, calib: Path, count: int | None, preset: str, mean: str | None,
-            std: str | None, input_size: str | None, input_shapes: dict | None = None):
+            std: str | None, input_size: str | None, max_bytes: int, input_shapes: dict | None = None):
     """An NpyReader for array files, else an ImageFolderReader sized to the model's input (or to
     its --input-shape)."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if calib.is_file() and calib.suffix.lower() in ARRAY_SUFFIXES or calib.is_dir() and any(
             p.suffix.lower() in ARRAY_SUFFIXES for p in calib.iterdir()):
-        return NpyReader(calib, [i.name for i in inputs])
+        return NpyReader(calib, [i.name for i in inputs], max_bytes=max_bytes)
     if len(inputs) != 1:
         raise CalibrationError(f"the model has {len(inputs)} inputs; calibrate it with .npz files keyed by input name")
     dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
@@ -300,9 +323,9 @@ def _reader(model: onnx.ModelProto, calib: Path, count: int | None, preset: str,
 
 
 def _quantize_with_progress(model, reader, config: QuantConfig, quiet: bool):
-    """quantize() with a progress bar over layers on stderr, opened once the first layer is done
-    (so an early error prints nothing but its own line)."""
-    if quiet:
+    """quantize() with a progress bar over layers on stderr when it is a terminal, opened once the
+    first layer is done (so an early error prints nothing but its own line)."""
+    if quiet or not sys.stderr.isatty():
         return quantize(model, reader, config)
     bars = []
 
@@ -310,7 +333,7 @@ def _quantize_with_progress(model, reader, config: QuantConfig, quiet: bool):
         if not bars:
             bars.append(click.progressbar(length=total, label="layers", file=sys.stderr, show_pos=True,
                                           item_show_func=lambda item: item).__enter__())
-        bars[0].update(done - bars[0].pos, name)
+        bars[0].update(done - bars[0].pos, printable(name))
 
     try:
         return quantize(model, reader, config, progress=progress)
@@ -319,3 +342,41 @@ def _quantize_with_progress(model, reader, config: QuantConfig, quiet: bool):
             bar.__exit__(None, None, None)
 
 
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="onnx-bitsplit")
+def cli():
+    """Low-bit QDQ ONNX models by Bit-Split and Stitching post-training quantization.
+
+    `onnx-bitsplit IN.onnx OUT.onnx --calib DIR` quantizes: `quantize` is the default command.
+    Exit codes: 0 done, 1 error, 2 usage error, 3 check gate failed, 128 + signal number when
+    interrupted (130 Ctrl-C, 143 SIGTERM).
+    """
+
+
+cli.add_command(quantize_command, "quantize")
+cli.add_command(check_command, "check")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line; `quantize` is implied unless the first word names a command or asks
+    for help or the version. Usage errors are one line too, with exit code 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] not in cli.commands and args[0] not in ("-h", "--help", "--version"):
+        args = ["quantize", *args]
+    try:
+        code = cli.main(args, prog_name="onnx-bitsplit", standalone_mode=False)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "onnx-bitsplit"
+        _fail(f"{exc.format_message()} (see {command} --help)", EXIT_USAGE)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except click.exceptions.Abort:
+        _fail(Terminated.describe(2), 130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"Error: {printable(' '.join(message.split()))}", err=True)
+    sys.exit(code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from .errors import BitsplitError
@@ -54,6 +55,9 @@ class QuantConfig:
         input_shapes: static shapes for the model's inputs by name, e.g. {"input": (1, 3, 224, 224)};
             the output has them and calibration runs at them (NPUs need static shapes).
             Defaults to none: dynamic dimensions stay dynamic.
+        max_memory: bytes that one step may allocate for data it reads or folds (a calibration
+            array, an image, a constant the graph computes); more is refused with an error
+            before it is allocated. None: half of the machine's memory. Defaults to None.
         weight_storage: "int4" stores weights of 2 to 4 bits as INT4 (the smallest file, for
             NPUs and disk), "int8" stores the same values as INT8, which CPU runtimes run with
             integer kernels. Wider weights are INT8 either way. Defaults to "int4".
@@ -75,11 +79,14 @@ class QuantConfig:
     calib_count: int = 256
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     weight_storage: str = "int4"
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         _check_bits("wbits", self.wbits)
         if self.abits not in ACTIVATION_BITS:  # QuantizeLinear saturates at its integer type's range
             raise BitsplitError(f"abits must be 8 or 16, got {self.abits!r}")
+        if self.max_memory is not None and self.max_memory < 2**20:
+            raise BitsplitError(f"max_memory must be at least 1 MiB, got {self.max_memory} bytes")
         if self.weight_storage not in WEIGHT_STORAGE:
             raise BitsplitError(f"weight_storage must be int4 or int8, got {self.weight_storage!r}")
         for name, shape in self.input_shapes.items():
@@ -103,3 +110,13 @@ class QuantConfig:
             raise BitsplitError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.calib_count < 1:
             raise BitsplitError(f"calib_count must be at least 1, got {self.calib_count}")
+
+
+def memory_limit(max_memory: int | None) -> int:
+    """The byte limit of one allocation: max_memory, or half of the machine's physical memory."""
+    if max_memory is not None:
+        return max_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): a laptop's share
+        return 8 * 2**30

@@ -1,5 +1,7 @@
 """User-facing errors: one line that names the culprit."""
 
+import signal
+
 
 class BitsplitError(Exception):
     """An error caused by the user's input; the CLI prints it as one line and exits with 1."""
@@ -11,3 +13,16 @@ class ModelError(BitsplitError):
 
 class CalibrationError(BitsplitError):
     """The calibration data is missing, unreadable, or does not fit the model."""
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread and unwound like Ctrl-C's KeyboardInterrupt,
+    so that every temporary file is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @staticmethod
+    def describe(signum: int) -> str:
+        return "interrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"

@@ -100,12 +100,15 @@ class LayerSpec:
         return dense_patches(x.swapaxes(-1, -2) if self.weight_index == 0 else x)
 
 
-def prepare(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
+def prepare(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None, *,
+            max_bytes: int | None = None) -> onnx.ModelProto:
     """A copy of `model` in the canonical form described in the module docstring.
 
     Args:
         input_shapes: static shapes for some of the model's inputs (by name); each must have the
             input's rank and agree with its fixed dimensions.
+        max_bytes: refuse a model any of whose tensors of known shape (constants to fold among
+            them) would need more bytes than this.
     """
     quantized = sorted({op for op in _op_types(model.graph)
                         if op in QUANTIZED_OPS or op.startswith(QUANTIZED_PREFIXES)})
@@ -114,6 +117,8 @@ def prepare(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | N
     if input_shapes:
         model = _copy(model)
         set_input_shapes(model, input_shapes)
+    if max_bytes is not None:
+        check_tensor_sizes(model, max_bytes)
     # onnxruntime's fusions list the opset versions they know: run them at the model's own opset
     model = _to_opset(_optimize(model))
     with gs.logger.G_LOGGER.suppress():  # its findings reach the user as our errors, or not at all
@@ -156,6 +161,28 @@ def set_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]])
     for output in model.graph.output:  # stale symbolic dims would clash with the inferred ones
         output.type.tensor_type.ClearField("shape")
     del model.graph.value_info[:]
+
+
+def check_tensor_sizes(model: onnx.ModelProto, max_bytes: int) -> None:
+    """Refuse a model with a tensor whose inferred static size exceeds max_bytes: constant folding
+    would build it (a 1 KB ConstantOfShape can ask for gigabytes).
+
+    Raises:
+        ModelError: naming the tensor and its size.
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # inference fails on odd models; onnxruntime then judges them
+        return
+    for value in inferred.graph.value_info:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        if not tensor.HasField("shape") or None in dims or not tensor.elem_type:
+            continue
+        size = int(np.prod(dims, dtype=np.float64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+        if size > max_bytes:
+            raise ModelError(f"tensor '{value.name}' would need {size / 2**30:.1f} GiB, over the memory limit of "
+                             f"{max_bytes / 2**30:.1f} GiB (--max-memory)")
 
 
 def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:

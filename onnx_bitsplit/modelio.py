@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import onnx
@@ -22,8 +23,9 @@ PROTOBUF_LIMIT = 2**31 - 2**24  # a serialized ModelProto must stay under 2 GiB;
 EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the weights file
 
 
-def load_model(path: str | Path) -> onnx.ModelProto:
-    """Read an ONNX model and its external data, refusing data outside the model's folder."""
+def load_model(path: str | Path, *, max_bytes: int | None = None) -> onnx.ModelProto:
+    """Read an ONNX model and its external data, refusing data outside the model's folder, and
+    (with max_bytes) external data larger than that, before reading it."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model '{path}' does not exist or is not a file")
@@ -37,6 +39,11 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     external = [t for t in _tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
     for tensor in external:
         check_external_location(tensor, folder)
+    if max_bytes is not None:
+        size = sum(_external_size(tensor, folder) for tensor in external)
+        if size > max_bytes:
+            raise ModelError(f"the external data of '{path}' is {size / 2**30:.1f} GiB, over the memory limit of "
+                             f"{max_bytes / 2**30:.1f} GiB (--max-memory)")
     if external:
         try:
             load_external_data_for_model(model, str(folder))
@@ -60,12 +67,130 @@ def check_external_location(tensor: onnx.TensorProto, folder: Path) -> None:
         raise ModelError(f"{where} is not a file inside the model's folder; refused")
 
 
-def save_model(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None) -> Path | None:
+def _external_size(tensor: onnx.TensorProto, folder: Path) -> int:
+    """Bytes the tensor's external data reads: its length, or the rest of the file without one."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    if entries.get("length", "").isdigit():
+        return int(entries["length"])
+    offset = int(entries["offset"]) if entries.get("offset", "").isdigit() else 0
+    return max((folder / entries["location"]).stat().st_size - offset, 0)
+
+
+def model_files(path: str | Path) -> list[Path]:
+    """The model file and the external-data files it reads (confined as load_model confines them)."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelError(f"cannot read '{path}' as an ONNX model: {_first_line(exc)}") from None
+    folder = path.parent.resolve()
+    files = [path]
+    for tensor in _tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            check_external_location(tensor, folder)
+            files.append(folder / next(e.value for e in tensor.external_data if e.key == "location"))
+    return list(dict.fromkeys(files))
+
+
+def check_output_paths(outputs: dict[str, Path | None], inputs: list[Path]) -> None:
+    """Refuse, before any work, outputs that could not be written or would destroy a file the
+    run reads (the model, its external data, calibration data) or another output of the run.
+
+    Files are compared by identity (device and inode: hard links, symbolic links and `..`
+    spellings included); outputs that do not exist yet by their resolved paths.
+
+    Args:
+        outputs: role ('output', 'report', ...) -> path; None for an output not asked for.
+        inputs: every file the run reads.
+    """
+    read = {_identity(p): p for p in inputs if p.exists()}
+    claimed: dict[str, str] = {}
+    for role, path in outputs.items():
+        if path is None:
+            continue
+        if path.is_dir():
+            raise BitsplitError(f"the {role} path '{path}' is a folder")
+        if path.exists() and not path.is_file():
+            raise BitsplitError(f"the {role} path '{path}' is not a regular file (a device, FIFO or socket); refused")
+        if path.exists() and _identity(path) in read:
+            raise BitsplitError(f"the {role} path '{path}' is the input file '{read[_identity(path)]}'; "
+                                "inputs are never overwritten")
+        key = str(_identity(path)) if path.exists() else os.path.realpath(path)
+        if key in claimed:
+            raise BitsplitError(f"the {role} path '{path}' is the same file as the {claimed[key]}")
+        claimed[key] = role
+        folder = path.parent
+        if not folder.is_dir():
+            raise BitsplitError(f"the {role} folder '{folder}' does not exist")
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError:
+            raise BitsplitError(f"the {role} folder '{folder}' is not writable") from None
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_dev, status.st_ino
+
+
+class OutputFiles:
+    """Files written as one transaction: each to a temporary file beside its final path; once all
+    are complete, all are renamed into place. On any failure before that (a full disk, Ctrl-C, a
+    signal) every temporary file is removed and no final path is touched.
+
+        with OutputFiles() as files:
+            save_model(model, path, files=files)
+            files.write(report_path, text.encode())
+    """
+
+    def __init__(self):
+        self.staged: list[tuple[Path, Path]] = []  # (temporary, final)
+        self.sizes: dict[Path, int] = {}
+
+    def __enter__(self) -> "OutputFiles":
+        return self
+
+    def open(self, path: Path):
+        """A binary file object for `path`'s temporary file."""
+        self.current = path
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        self.staged.append((Path(temporary), path))
+        return os.fdopen(handle, "wb")
+
+    def write(self, path: Path, data: bytes) -> None:
+        with self.open(path) as file:
+            file.write(data)
+
+    def __exit__(self, kind, value, traceback):
+        try:
+            if kind is None:
+                mode = 0o666 & ~_umask()  # mkstemp's 0600 is for the temporaries only
+                for temporary, final in self.staged:
+                    os.chmod(temporary, mode)
+                    self.sizes[final] = temporary.stat().st_size
+                for index, (temporary, final) in enumerate(self.staged):
+                    os.replace(temporary, final)
+                    self.staged[index] = (final, final)
+        except OSError as exc:
+            kind, value = OSError, exc
+        finally:
+            for temporary, final in self.staged:
+                if temporary != final:
+                    temporary.unlink(missing_ok=True)
+        if kind is not None and issubclass(kind, OSError):  # a full disk, a vanished folder
+            raise BitsplitError(f"cannot write '{getattr(self, 'current', '?')}': {value.strerror or value}") from None
+        return False
+
+
+def save_model(model: onnx.ModelProto, path: str | Path, *, external_data: bool | None = None,
+               files: OutputFiles | None = None) -> Path | None:
     """Write the model atomically: temporary files beside `path`, then renames.
 
     Args:
         external_data: store tensors in `<name>.data` beside the output; None decides by size
             (a protobuf cannot exceed 2 GiB).
+        files: the transaction to stage the files in; without one they are written at once.
 
     Returns:
         The weights file's path when one was written.
@@ -73,19 +198,24 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, external_data: bool 
     path = Path(path)
     if external_data is None:
         external_data = sum(len(t.raw_data) for t in _tensors(model)) > PROTOBUF_LIMIT
-    data_path = path.with_name(path.name + ".data") if external_data else None
-    try:
+    data_path = weights_path(path) if external_data else None
+    with OutputFiles() if files is None else nullcontext(files) as staged:
         if data_path:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
-            with _atomic(data_path) as file:
+            with staged.open(data_path) as file:
                 _externalize(copy, data_path.name, file)
             model = copy
-        with _atomic(path) as file:
-            file.write(model.SerializeToString())
-    except (OSError, ValueError) as exc:
-        raise BitsplitError(f"cannot write '{path}': {_first_line(exc)}") from None
+        try:
+            staged.write(path, model.SerializeToString())
+        except ValueError as exc:  # protobuf's 2 GiB limit
+            raise BitsplitError(f"cannot write '{path}': {_first_line(exc)}") from None
     return data_path
+
+
+def weights_path(path: Path) -> Path:
+    """Where the weights of a model saved at `path` with external data go."""
+    return path.with_name(path.name + ".data")
 
 
 def _externalize(model: onnx.ModelProto, location: str, file) -> None:
@@ -101,40 +231,10 @@ def _externalize(model: onnx.ModelProto, location: str, file) -> None:
             offset += len(data)
 
 
-class _atomic:
-    """A binary file written under a temporary name and renamed onto `path` only on success."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        handle, self.temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self.file = os.fdopen(handle, "wb")
-        return self.file
-
-    def __exit__(self, kind, value, traceback):
-        self.file.close()
-        if kind is None:
-            os.chmod(self.temporary, 0o666 & ~_umask())  # mkstemp's 0600 is for the temporary only
-            os.replace(self.temporary, self.path)
-        else:
-            os.unlink(self.temporary)
-        return False
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file atomically (e.g. a report)."""
-    try:
-        with _atomic(Path(path)) as file:
-            file.write(text.encode())
-    except OSError as exc:
-        raise BitsplitError(f"cannot write '{path}': {_first_line(exc)}") from None
 
 
 def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

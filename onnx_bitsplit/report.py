@@ -79,20 +79,25 @@ class Report:
                          + (f"; Clip bounds made per-channel in {clips}" if clips else "") + ")")
         if self.skipped:
             lines.append(f"kept in float: {len(self.skipped)} ("
-                         + "; ".join(f"{name}: {reason}" for name, reason in self.skipped[:3])
+                         + "; ".join(f"{printable(name)}: {reason}" for name, reason in self.skipped[:3])
                          + (" ..." if len(self.skipped) > 3 else "") + ")")
         if self.activations:
             name, error = max(self.activations.items(), key=lambda item: item[1])
-            lines.append(f"worst activation by relative error: {name}: {error:.2e}")
+            lines.append(f"worst activation by relative error: {printable(name)}: {error:.2e}")
         ranked = sorted(self.layers, key=lambda layer: layer.rel_error, reverse=True)[:worst]
         if ranked:
             lines.append("worst layers by relative output error (Bit-Split vs round-to-nearest):")
-            lines += [f"  {layer.name} W{layer.bits}: {layer.rel_error:.4f} vs {layer.rtn_rel_error:.4f}"
+            lines += [f"  {printable(layer.name)} W{layer.bits}: {layer.rel_error:.4f} vs {layer.rtn_rel_error:.4f}"
                       for layer in ranked]
         return "\n".join(lines)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+
+def printable(text: str) -> str:
+    """Text from a model (node names) made safe for a terminal: control characters escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _mib(size: int) -> str:

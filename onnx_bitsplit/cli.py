@@ -12,6 +12,7 @@ number when interrupted (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP). Nothing is left b
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -58,7 +59,7 @@ def _one_line_errors(verbose: bool = False):
     except click.ClickException:
         raise
     except (KeyboardInterrupt, Terminated) as exc:
-        signum = exc.signum if isinstance(exc, Terminated) else 2
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
         raise CommandError(Terminated.describe(signum), 128 + signum) from None
     except Exception as exc:  # ours name the culprit; a library failing on odd input: still one line
         if verbose:
@@ -225,12 +226,23 @@ def check_command(float_path: Path, quant_path: Path, data: Path, count: int | N
         reader = _reader(quant_model, data, count, preset, mean, std, input_size, limit)
         labels = _labels(reader, labels_path)
         report = compare(float_model, quant_model, reader, labels=labels, count=count, provider=provider)
-    click.echo(report.to_json() if as_json else report.table())
+        _emit(report.to_json() if as_json else report.table())
     failures = report.failures(min_agree=min_agree, min_sqnr=min_sqnr)
     for failure in failures:
         click.echo(f"FAILED: {failure}", err=True)
     if failures:
         sys.exit(EXIT_GATE)
+
+
+def _emit(text: str) -> None:
+    """Print the result on standard output; a stdout that cannot take it (a full disk, a closed
+    pipe) is an error line, and no second failure follows when Python flushes it at exit."""
+    try:
+        click.echo(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise BitsplitError(f"cannot write to standard output: {exc.strerror or exc}") from None
 
 
 def _labels(reader, labels_path: Path | None) -> list[int] | None:
@@ -373,7 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code)
     except click.exceptions.Abort:
-        _fail(Terminated.describe(2), 130)
+        _fail(Terminated.describe(signal.SIGINT), 128 + signal.SIGINT)
+    except Terminated as exc:  # a signal while click parses the command line
+        _fail(Terminated.describe(exc.signum), 128 + exc.signum)
     sys.exit(code if isinstance(code, int) else 0)
 
 

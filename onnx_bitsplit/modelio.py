@@ -9,6 +9,7 @@ output under a name it chooses, never at a location taken from a model (cf. CVE-
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -169,9 +170,10 @@ class OutputFiles:
                 for temporary, final in self.staged:
                     os.chmod(temporary, mode)
                     self.sizes[final] = temporary.stat().st_size
-                for index, (temporary, final) in enumerate(self.staged):
-                    os.replace(temporary, final)
-                    self.staged[index] = (final, final)
+                with _signals_held():  # all renames or none: a signal waits until they are done
+                    for index, (temporary, final) in enumerate(self.staged):
+                        os.replace(temporary, final)
+                        self.staged[index] = (final, final)
         except OSError as exc:
             kind, value = OSError, exc
         finally:
@@ -180,6 +182,20 @@ class OutputFiles:
                     temporary.unlink(missing_ok=True)
         if kind is not None and issubclass(kind, OSError):  # a full disk, a vanished folder
             raise BitsplitError(f"cannot write '{getattr(self, 'current', '?')}': {value.strerror or value}") from None
+        return False
+
+
+class _signals_held:
+    """Ctrl-C, SIGTERM and SIGHUP held back (delivered on exit) where the platform allows it."""
+
+    SIGNALS = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
+
+    def __enter__(self):
+        self.previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS) if hasattr(signal, "pthread_sigmask") else None
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.previous)
         return False
 
 

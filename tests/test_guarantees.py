@@ -284,3 +284,45 @@ def test_a_fifo_or_device_as_output_is_refused(folder):
     assert (folder / "pipe.onnx").is_fifo()
     result = run(folder / "model.onnx", "/dev/null", "--calib", folder / "calib.npy")
     assert result.exit_code == 1 and "not a regular file" in result.output
+
+
+# 7. work linear in the number of layers: a fixed number of sessions per layer, one graph repair
+
+def chain_model(layers: int) -> onnx.ModelProto:
+    """x -> (Conv 1x1 -> Relu) x layers -> y"""
+    rng = np.random.default_rng(0)
+    nodes, init, name = [], [], INPUT
+    for i in range(layers):
+        init.append(numpy_helper.from_array(rng.normal(0, 0.4, (8, 8, 1, 1)).astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("Conv", [name, f"w{i}"], [f"c{i}"], name=f"conv{i}"),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        name = f"r{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", 8, 4, 4])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 8, 4, 4])], init)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_work_per_layer_is_constant(monkeypatch):
+    import onnx_graphsurgeon as gs
+    from onnx_bitsplit import QuantConfig, capture, quantize
+    counts = {}
+
+    def counting(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    counting(capture, "make_session")
+    counting(gs.Graph, "toposort")
+    totals = {}
+    for layers in (10, 20, 40):
+        counts.clear()
+        model = chain_model(layers)
+        feeds = [{INPUT: np.random.default_rng(i).normal(size=(1, 8, 4, 4)).astype(np.float32)} for i in range(4)]
+        quantize(model, feeds, QuantConfig(wbits=8, iterations=1))
+        totals[layers] = dict(counts)
+    assert totals[40]["make_session"] - totals[20]["make_session"] == 2 * (totals[20]["make_session"] - totals[10]["make_session"])
+    assert totals[10]["toposort"] == totals[40]["toposort"]  # the graph is repaired once per edit batch, not per layer

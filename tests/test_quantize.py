@@ -1,6 +1,5 @@
 """quantize() on tiny models: valid QDQ that onnxruntime and onnx.reference run, close to float."""
 
-import collections
 import json
 
 import numpy as np

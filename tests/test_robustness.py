@@ -18,7 +18,7 @@ from onnx_bitsplit.errors import ModelError
 from onnx_bitsplit.modelio import load_model, save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from fuzz import run_mutations  # noqa: E402
+from fuzz import run_fuzz  # noqa: E402
 
 
 def invoke(*args):
@@ -162,10 +162,13 @@ def test_external_data_round_trip(folder):
     assert session.run(None, calibration_feeds(model, 1)[0])[0].shape == (1, 8, 6, 6)
 
 
-def test_fuzzed_model_files():
-    violations, converted = run_mutations(300, seed=0)
+def test_fuzzed_inputs_paths_and_signals():
+    """300 runs of tools/fuzz.py (damaged models and calibration data, aliased outputs, signals)."""
+    violations, outcomes = run_fuzz(300, seed=0)
     assert violations == []
-    assert 0 < converted < 300  # both outcomes occur, so both are exercised
+    for kind in ("model", "calibration", "signal"):  # both success and refusal occur, so both are checked
+        assert 0 in outcomes[kind] and len(outcomes[kind]) > 1, outcomes
+    assert set(outcomes["paths"]) == {1}  # every aliased or unwritable output is refused
 
 
 def test_missing_external_data_file(folder):

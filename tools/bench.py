@@ -71,7 +71,7 @@ TECHNIQUES = {
     "damping0.1": dict(damping=0.1),
     "damping1": dict(damping=1.0),
     "equalize": dict(equalization=True),
-    "depthwise8": dict(layer_wbits={"@depthwise": 8}),
+    "depthwise-same": dict(depthwise_wbits=None),  # depthwise Convs at the width of the rest
 }
 ABLATIONS = {m.label: m for m in [_ours(f"ec-w{b}-{name}", b, **options)
                                   for b in (4, 3) for name, options in TECHNIQUES.items()]}

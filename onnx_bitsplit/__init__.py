@@ -3,7 +3,7 @@
 import importlib
 
 __version__ = "0.1.0"
-_EXPORTS = {"quantize": "api", "QuantConfig": "config", "Report": "report", "LayerReport": "report",
+_EXPORTS = {"quantize": "api", "quantize_file": "api", "QuantConfig": "config", "Report": "report", "LayerReport": "report",
             "ImageFolderReader": "calibration", "NpyReader": "calibration", "BitsplitError": "errors"}
 __all__ = list(_EXPORTS)
 

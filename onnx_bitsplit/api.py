@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
+import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,28 +22,30 @@ from .equalize import equalize
 from .errors import BitsplitError, ModelError
 from .graph import LayerSpec, find_layers, prepare
 from .layout import ActivationQuant, Layout, TensorQuant, plan_layout
+from .modelio import OutputFiles, check_output_paths, load_model, model_files, save_model, weights_path
 from .mixed import LayerCost, allocate_bits, storage_bytes
 from .qdq import WeightQuant, carry_metadata, write_qdq
 from .report import LayerReport, Report
+from .selection import check_overrides, exclude_layers, layer_bits, override
 from .solver import BitSplitSolver, LayerSolution
 
 PATCH_ELEMENTS = 1 << 22  # patch values built at once per stream: 16 MiB, small enough that
 # malloc reuses the buffer instead of mapping (and page-faulting) fresh memory each time
 
 Progress = Callable[[int, int, str], None]
-DEPTHWISE = "@depthwise"  # the layer_wbits key that selects every depthwise Conv
 BUDGET_BITS = (4, 8)  # INT4 holds 2 to 4 bits at one cost, INT8 5 to 8: a byte budget picks from these
 SENSITIVITY_ITERATIONS = 3
 INT32_BIAS_LIMIT = 2**31 - 2**10  # largest |bias| in units of its grid, with room for float32 rounding
 MIN_RANGE = 1e-4  # the narrowest float range of an activation quantizer
 
 
-def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = None, *,
+def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: QuantConfig | None = None, *,
              progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
     """Quantize a float model to QDQ with Bit-Split and Stitching.
 
     Args:
-        model: the float model; it is not modified.
+        model: the float model, or its path (external data beside it is read, confined to its
+            folder); it is not modified.
         calibration: an onnxruntime CalibrationDataReader or any iterable of {input_name: ndarray}.
         config: options. Defaults to QuantConfig() (W4A8, first and last layer W8).
         progress: called as progress(done, total, layer_name) after each layer.
@@ -51,13 +54,20 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
         (the quantized model, the Report of what was done).
     """
     config = config or QuantConfig()
-    report = Report()
+    if not isinstance(model, onnx.ModelProto):
+        model = load_model(model, max_bytes=memory_limit(config.max_memory))
+    report = Report(activation_bits=config.abits, options=asdict(config))
     phase = _Clock(report.phase_seconds)
     with phase("prepare"):
         prepared = prepare(model, config.input_shapes, max_bytes=memory_limit(config.max_memory))
         layers, report.skipped = find_layers(prepared)
         if not layers:
             raise ModelError("the model has no Conv, Gemm or MatMul with a constant weight to quantize")
+        layers, excluded = exclude_layers(layers, config.exclude)
+        check_overrides(config, layers)
+        report.skipped += excluded
+        if not layers:
+            raise BitsplitError("--exclude leaves no layer to quantize")
     with phase("calibration"):
         batches = batch_feeds(as_feeds(calibration), input_shapes(prepared),
                               batch_size=config.batch_size, count=config.calib_count)
@@ -65,7 +75,8 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
     if config.equalization:
         with phase("equalization"):
             prepared, report.equalized = equalize(prepared, {layer.name for layer in layers}, batches)
-            layers, report.skipped = find_layers(prepared)
+            names = {layer.name for layer in layers}
+            layers = [layer for layer in find_layers(prepared)[0] if layer.name in names]
     layout = plan_layout(prepared, layers)
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in prepared.graph.initializer}
     bits = [layer_bits(config, layers, index) for index in range(len(layers))]
@@ -75,7 +86,7 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
             bits, reasons = _budget_bits(model, prepared, layout, layers, weights, sensitivity, config)
 
     def choose(decision: TensorQuant, values: list[np.ndarray]) -> ActivationQuant:
-        with phase("activation scales"):
+        with phase("activation_scales"):
             quantizer, report.activations[decision.name] = choose_quantizer(decision, values, config)
         return quantizer
 
@@ -99,6 +110,49 @@ def quantize(model: onnx.ModelProto, calibration, config: QuantConfig | None = N
             raise ModelError(f"the quantized model does not load in onnxruntime: {str(exc).strip()[:300]}") from None
     report.float_bytes, report.quant_bytes = model.ByteSize(), quantized.ByteSize()
     return quantized, report
+
+
+def quantize_file(input_path: str | os.PathLike, output_path: str | os.PathLike, calibration,
+                  config: QuantConfig | None = None, *, report_path: str | os.PathLike | None = None,
+                  external_data: bool | None = None, calibration_files: list[Path] = (),
+                  progress: Progress | None = None) -> Report:
+    """quantize() from file to file, with the command's guarantees (README, Guarantees): every
+    output path is checked against the files read (the model, its external data,
+    `calibration_files`) and each other before any work; the model's external data must stay in
+    its folder; the outputs (model, weights file, JSON report) are written as one transaction.
+
+    Args:
+        calibration: as for quantize(), or a function of the loaded model that returns it (when
+            the data depend on the model, e.g. its input size).
+        report_path: where to write the JSON report; None writes none.
+        external_data: store the weights in `<output>.data`; None decides by size (2 GiB).
+
+    Returns:
+        The Report, with the sizes of the files and their paths (Report.files).
+    """
+    config = config or QuantConfig()
+    input_path, output_path = Path(input_path), Path(output_path)
+    report_path = Path(report_path) if report_path is not None else None
+    if not input_path.is_file():
+        raise ModelError(f"input model '{input_path}' does not exist or is not a file")
+    inputs = model_files(input_path)
+    check_output_paths({"output": output_path, "weights file": weights_path(output_path), "report": report_path},
+                       inputs + list(calibration_files))
+    float_bytes = sum(path.stat().st_size for path in inputs)
+    model = load_model(input_path, max_bytes=memory_limit(config.max_memory))
+    if callable(calibration) and not hasattr(calibration, "get_next"):
+        calibration = calibration(model)
+    quantized, report = quantize(model, calibration, config, progress=progress)
+    with OutputFiles() as files:
+        data_path = save_model(quantized, output_path, external_data=external_data, files=files)
+        report.files = {"input": str(input_path), "output": str(output_path)}
+        report.files.update({"weights": str(data_path)} if data_path else {})
+        report.files.update({"report": str(report_path)} if report_path else {})
+        if report_path:
+            files.write(report_path, report.to_json().encode())
+    report.float_bytes = float_bytes
+    report.quant_bytes = files.sizes[output_path] + files.sizes.get(data_path, 0)
+    return report
 
 
 def _solve_layers(streams: NetworkStreams, weights: dict, bits: list[int], config: QuantConfig,
@@ -161,26 +215,13 @@ def choose_quantizer(decision: TensorQuant, batches: list[np.ndarray], config: Q
     return ActivationQuant(decision.name, scale, zero_point, config.abits), error
 
 
-def layer_bits(config: QuantConfig, layers: list[LayerSpec], index: int) -> int:
-    """Weight bits of layers[index]: an override by name, pattern or '@depthwise', else first/last,
-    else depthwise, else wbits."""
-    override = _override(config, layers[index])
-    if override is not None:
-        return override
-    if config.first_last_wbits is not None and index in (0, len(layers) - 1):
-        return config.first_last_wbits
-    if config.depthwise_wbits is not None and layers[index].is_depthwise:
-        return config.depthwise_wbits
-    return config.wbits
-
-
 def _sensitivities(model, layers: list[LayerSpec], batches, weights: dict, config: QuantConfig) -> list[dict]:
     """Each layer's relative output error at each bit width of BUDGET_BITS, solved on float
     inputs (one float pass, a few iterations per solve); none for layers whose bits layer_wbits fixes."""
     streams = NetworkStreams(model, layers, batches, compensate=False)
     errors = []
     for index, layer in enumerate(layers):
-        if _override(config, layer) is not None:
+        if override(config, layer) is not None:
             errors.append({})
         else:
             solver = _accumulate(layer, streams, index, weights[layer.weight_name], blend=1.0)
@@ -200,8 +241,8 @@ def _budget_bits(model: onnx.ModelProto, prepared: onnx.ModelProto, layout: Layo
     costs, placeholders = [], []
     for index, layer in enumerate(layers):
         count, rows = weights[layer.weight_name].size, layer.weight_shape[layer.axis]
-        override = _override(config, layer)
-        costs.append(LayerCost(layer.name, count, rows, sensitivity[index] if override is None else {override: 0.0}))
+        fixed = override(config, layer)
+        costs.append(LayerCost(layer.name, count, rows, sensitivity[index] if fixed is None else {fixed: 0.0}))
         ones = np.ones(rows, np.float32)
         bias = np.zeros(rows, np.int32) if layer.bias_name else None
         placeholders.append(WeightQuant(layer, 4, np.zeros(layer.weight_shape, np.int8), ones, bias, ones))
@@ -212,16 +253,6 @@ def _budget_bits(model: onnx.ModelProto, prepared: onnx.ModelProto, layout: Layo
         return allocate_bits(costs, int(config.size_budget * model.ByteSize()) - overhead)
     except ValueError as exc:
         raise BitsplitError(f"size budget {config.size_budget}: {exc}") from None
-
-
-def _override(config: QuantConfig, layer: LayerSpec) -> int | None:
-    """layer_wbits for this layer: its exact name, else the first matching pattern or '@depthwise'."""
-    if layer.name in config.layer_wbits:
-        return config.layer_wbits[layer.name]
-    for pattern, bits in config.layer_wbits.items():
-        if fnmatch.fnmatchcase(layer.name, pattern) or pattern == DEPTHWISE and layer.is_depthwise:
-            return bits
-    return None
 
 
 def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.ndarray,

@@ -19,6 +19,8 @@ import onnx
 from .calibration import as_feeds, batch_feeds, input_shapes, sample_count
 from .errors import BitsplitError, ModelError
 from .providers import Placement, open_runner
+from . import __version__
+from .report import SCHEMA, finite_json
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class CheckReport:
     """The comparison of two models on one data set."""
 
     samples: int
+    batch_size: int = 1
     outputs: list[OutputComparison] = field(default_factory=list)
     latency_ms_float: float = 0.0
     latency_ms_quant: float = 0.0
@@ -61,8 +64,8 @@ class CheckReport:
     def table(self) -> str:
         """A readable table for people."""
         provider = self.placement.provider
-        lines = [f"{self.samples} samples; median latency per batch: float {self.latency_ms_float:.2f} ms (cpu), "
-                 f"quantized {self.latency_ms_quant:.2f} ms ({provider})"]
+        lines = [f"{self.samples} samples in batches of {self.batch_size}; median latency per batch: "
+                 f"float {self.latency_ms_float:.2f} ms (cpu), quantized {self.latency_ms_quant:.2f} ms ({provider})"]
         if provider != "cpu":
             lines.append(f"{provider}: " + ("the whole graph ran there" if self.placement.whole else
                                             f"{len(self.placement.fallbacks)} nodes did not run there")
@@ -77,9 +80,16 @@ class CheckReport:
                          f"{o.sqnr_db:8.2f} {o.max_abs_error:10.4g}")
         return "\n".join(lines)
 
-    def to_json(self) -> str:
-        """Strict JSON: non-finite numbers (the SQNR of identical outputs) are null."""
-        return json.dumps(strict_json(asdict(self)), indent=2, allow_nan=False)
+    def to_json(self, *, min_agree: float | None = None, min_sqnr: float | None = None) -> str:
+        """Versioned, strict JSON: {"schema": 1, "tool", "thresholds", "passed", "failures",
+        "samples", "batch_size", "outputs": [...], "latency_ms_float", "latency_ms_quant",
+        "placement", "provider_agreement"}; non-finite numbers (the SQNR of identical outputs)
+        are null."""
+        failures = self.failures(min_agree=min_agree, min_sqnr=min_sqnr)
+        document = {"schema": SCHEMA, "tool": {"name": "onnx-bitsplit", "version": __version__},
+                    "thresholds": {"min_agree": min_agree, "min_sqnr": min_sqnr},
+                    "passed": not failures, "failures": failures, **asdict(self)}
+        return json.dumps(finite_json(document), indent=2, allow_nan=False)
 
     def failures(self, *, min_agree: float | None = None, min_sqnr: float | None = None) -> list[str]:
         """One line for each output below a gate."""
@@ -122,24 +132,14 @@ def compare(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, feeds, *
     samples = sample_count(batches)
     if labels is not None and len(labels) < samples:
         raise ModelError(f"{len(labels)} labels for {samples} samples")
-    report = CheckReport(samples, latency_ms_float=float_ms, latency_ms_quant=quant_ms, placement=runner.placement)
+    report = CheckReport(samples, batch_size=max(sample_count([batch]) for batch in batches),
+                         latency_ms_float=float_ms, latency_ms_quant=quant_ms, placement=runner.placement)
     if provider != "cpu":
         cpu_run, _ = _run(_load(quant_model, "cpu"), batches)
         report.provider_agreement = float((cpu_run[0][1].argmax(-1) == quant_run[0][1].argmax(-1)).mean())
     for (name, y), (_, y_q) in zip(float_run, quant_run):
         report.outputs.append(compare_output(name, y, y_q, None if labels is None else np.asarray(labels[:samples])))
     return report
-
-
-def strict_json(value):
-    """The value with every non-finite float replaced by None, for a strict JSON parser."""
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: strict_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(item) for item in value]
-    return value
 
 
 def compare_output(name: str, y: np.ndarray, y_q: np.ndarray, labels: np.ndarray | None) -> OutputComparison:

@@ -11,6 +11,7 @@ number when interrupted (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP). Nothing is left b
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sys
@@ -24,12 +25,12 @@ import click
 import onnx
 
 from . import __version__
-from .api import quantize
+from .api import quantize_file
 from .calibration import ARRAY_SUFFIXES, PRESETS, ImageFolderReader, NpyReader, labels_from_names
 from .check import compare
 from .config import QuantConfig, memory_limit
 from .errors import BitsplitError, CalibrationError, Terminated
-from .modelio import OutputFiles, check_output_paths, load_model, model_files, save_model, weights_path
+from .modelio import load_model
 from .providers import PROVIDERS
 from .report import printable
 
@@ -129,8 +130,10 @@ def data_options(command):
               help="Weight bits of depthwise Convs (9 weights a row for 3x3: too few for a 4-bit grid; "
                    "about 1% of the weights); 'same' uses --wbits.")
 @click.option("--bits-per-layer", "layer_bits", multiple=True, metavar="PATTERN=BITS",
-              help="Weight bits of the layers whose node name matches PATTERN (a name, or fnmatch "
-                   "such as '*depthwise*'; '@depthwise' selects every depthwise Conv); repeatable.")
+              help="Weight bits of the layers PATTERN selects: a node name, an fnmatch pattern such as "
+                   "'*depthwise*', an operator type such as 'op:Gemm', or '@depthwise'; repeatable.")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Keep the layers PATTERN selects in float (patterns as --bits-per-layer); repeatable.")
 @click.option("--size-budget", type=float,
               help="Pick each layer's bits (4 or 8, by measured sensitivity) so the output is at most "
                    "this fraction of the input's size, e.g. 0.18; overrides --wbits/--first-last-wbits.")
@@ -151,7 +154,7 @@ def data_options(command):
 @click.option("--batch-size", default=16, show_default=True, type=int,
               help="Calibration samples run at once.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
-              help="Write the per-layer figures to this JSON file.")
+              help="Write the versioned JSON report (README) to this file, or '-' for standard output.")
 @click.option("--external-data", is_flag=True,
               help="Store the weights in OUT.onnx.data beside the output (automatic above 2 GiB).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
@@ -160,7 +163,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
                      mean: str | None, std: str | None, input_size: str | None, max_memory: int | None,
                      input_shapes: tuple[str, ...],
                      wbits: int, abits: int, weight_storage: str, first_last_wbits: str, depthwise_wbits: str,
-                     layer_bits: tuple[str, ...], size_budget: float | None, error_compensation: bool, compensation_blend: float,
+                     layer_bits: tuple[str, ...], exclude: tuple[str, ...], size_budget: float | None, error_compensation: bool, compensation_blend: float,
                      bias_correction: bool, equalization: bool,
                      iterations: int, damping: float, batch_size: int, report_path: Path | None,
                      external_data: bool, quiet: bool, verbose: bool):
@@ -170,31 +173,25 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
             wbits=wbits, abits=abits, weight_storage=weight_storage,
             first_last_wbits=None if first_last_wbits == "same" else _int(first_last_wbits),
             depthwise_wbits=None if depthwise_wbits == "same" else _int(depthwise_wbits),
-            layer_wbits=_layer_bits(layer_bits), size_budget=size_budget, error_compensation=error_compensation,
+            layer_wbits=_layer_bits(layer_bits), exclude=exclude, size_budget=size_budget, error_compensation=error_compensation,
             compensation_blend=compensation_blend,
             bias_correction=bias_correction, equalization=equalization,
             iterations=iterations, damping=damping,
             batch_size=batch_size, calib_count=calib_count, max_memory=max_memory)
-        if not input_path.is_file():
-            raise BitsplitError(f"input model '{input_path}' does not exist or is not a file")
-        inputs = model_files(input_path)
-        check_output_paths({"output": output_path, "weights file": weights_path(output_path), "report": report_path},
-                           inputs + _data_files(calib))
-        float_bytes = sum(path.stat().st_size for path in inputs)
-        limit = memory_limit(max_memory)
-        model = load_model(input_path, max_bytes=limit)
-        config = replace(config, input_shapes=_input_shapes(model, input_shapes))
-        reader = _reader(model, calib, calib_count, preset, mean, std, input_size, limit, config.input_shapes)
-        quantized, report = _quantize_with_progress(model, reader, config, quiet)
-        with OutputFiles() as files:
-            data_path = save_model(quantized, output_path, external_data=external_data or None, files=files)
-            if report_path:
-                files.write(report_path, report.to_json().encode())
+        if input_shapes:
+            config = replace(config, input_shapes=_input_shapes(input_path, input_shapes))
+        to_stdout = report_path == Path("-")
+        report = _quantize_with_progress(
+            input_path, output_path, lambda model: _reader(
+                model, calib, calib_count, preset, mean, std, input_size, memory_limit(max_memory), config.input_shapes),
+            config, quiet, report_path=None if to_stdout else report_path, external_data=external_data or None,
+            calibration_files=_data_files(calib))
+        if to_stdout:
+            _emit(report.to_json())
         if not quiet:
-            report.float_bytes = float_bytes
-            report.quant_bytes = files.sizes[output_path] + files.sizes.get(data_path, 0)
             click.echo(report.summary(), err=True)
-            click.echo(f"wrote {output_path}" + (f" and {data_path}" if data_path else ""), err=True)
+            click.echo("wrote " + " and ".join(path for role, path in report.files.items()
+                                               if role in ("output", "weights", "report")), err=True)
 
 
 @click.command(context_settings=CONTEXT)
@@ -202,36 +199,73 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
 @click.argument("quant_path", metavar="QUANT.onnx", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path),
               help="Inputs: a folder of images, or .npy/.npz input tensors (a file or folder).")
-@click.option("--count", type=int, help="Use at most this many samples.  [default: all]")
+@click.option("--data-count", "--count", "count", type=int, help="Use at most this many samples.  [default: all]")
+@click.option("--batch-size", default=16, show_default=True, type=int,
+              help="Samples run at once where the batch axis is dynamic.")
+@click.option("--calib", "calib", type=click.Path(path_type=Path),
+              help="The calibration data of the quantized model: a warning says how many --data "
+                   "samples are among them (agreement on calibration samples is inflated).")
 @data_options
 @click.option("--labels", "labels_path", type=click.Path(path_type=Path),
               help="Class of each sample, one integer a line in sample order. Without it, image names "
                    "that start with a class number (CCC_name.jpg) give the labels.")
-@click.option("--min-agree", type=float, help="Exit with 3 if argmax agreement is below this fraction.")
+@click.option("--min-agree", callback=lambda ctx, param, value: _fraction(value), metavar="FRACTION",
+              help="Exit with 3 if argmax agreement is below this: a fraction such as 0.9, or 90%.")
 @click.option("--min-sqnr", type=float, help="Exit with 3 if SQNR is below this many dB.")
 @click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
               help="Run the quantized model on onnxruntime's CPU, on Qualcomm's NPU (QNN HTP, package "
                    "onnxruntime-qnn; no CPU fallback) or on OpenVINO's CPU plugin (package openvino); "
                    "exit with 3 unless the whole graph runs there.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def check_command(float_path: Path, quant_path: Path, data: Path, count: int | None, preset: str,
-                  mean: str | None, std: str | None, input_size: str | None, max_memory: int | None,
-                  labels_path: Path | None, min_agree: float | None,
-                  min_sqnr: float | None, provider: str, as_json: bool):
+@click.option("--json", "as_json", is_flag=True, help="Print versioned JSON (README) instead of a table.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but failures and warnings.")
+@click.option("--verbose", "-v", is_flag=True, help="On an error, print the full traceback before its line.")
+def check_command(float_path: Path, quant_path: Path, data: Path, count: int | None, batch_size: int,
+                  calib: Path | None, preset: str, mean: str | None, std: str | None, input_size: str | None,
+                  max_memory: int | None, labels_path: Path | None, min_agree: float | None,
+                  min_sqnr: float | None, provider: str, as_json: bool, quiet: bool, verbose: bool):
     """Run a float model and its quantized version on the same inputs and compare them: argmax
     agreement, top-1 where labels are known, cosine similarity, SQNR, max error, latency."""
-    with _one_line_errors():
+    with _one_line_errors(verbose):
         limit = memory_limit(max_memory)
         float_model, quant_model = load_model(float_path, max_bytes=limit), load_model(quant_path, max_bytes=limit)
         reader = _reader(quant_model, data, count, preset, mean, std, input_size, limit)
+        if calib is not None:
+            _warn_overlap(data, calib, count)
         labels = _labels(reader, labels_path)
-        report = compare(float_model, quant_model, reader, labels=labels, count=count, provider=provider)
-        _emit(report.to_json() if as_json else report.table())
+        report = compare(float_model, quant_model, reader, labels=labels, count=count, provider=provider,
+                         batch_size=batch_size)
+        if not quiet:
+            _emit(report.to_json(min_agree=min_agree, min_sqnr=min_sqnr) if as_json else report.table())
     failures = report.failures(min_agree=min_agree, min_sqnr=min_sqnr)
     for failure in failures:
         click.echo(f"FAILED: {failure}", err=True)
     if failures:
         sys.exit(EXIT_GATE)
+
+
+def _warn_overlap(data: Path, calib: Path, count: int | None) -> None:
+    """A warning when check samples are calibration samples (the same bytes, whatever the name)."""
+    def digests(paths):
+        return {hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+    samples = sorted(_data_files(data))[:count]
+    shared = len(digests(samples) & digests(_data_files(calib)))
+    if shared:
+        click.echo(f"warning: {shared} of the {len(samples)} --data files are calibration data (--calib): "
+                   "agreement on them is inflated", err=True)
+
+
+def _fraction(text: str | None) -> float | None:
+    """'0.9' or '90%' -> 0.9; a number above 1 without '%' is refused (it was meant as a percent)."""
+    if text is None:
+        return None
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise click.BadParameter(f"expected a fraction from 0 to 1 or a percent such as 90%, got '{text}'")
+    return value
 
 
 def _emit(text: str) -> None:
@@ -285,8 +319,12 @@ def _int(text: str) -> int:
         raise click.BadParameter(f"expected a number or 'same', got '{text}'") from None
 
 
-def _input_shapes(model: onnx.ModelProto, texts: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+def _input_shapes(path: Path, texts: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     """--input-shape values by input name; a bare DIMS names the model's only input."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        raise BitsplitError(f"cannot read '{path}' as an ONNX model") from None
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in initializers]
     shapes = {}
@@ -334,11 +372,12 @@ def _reader(model: onnx.ModelProto, calib: Path, count: int | None, preset: str,
                              mean=_floats(mean) or preset_mean, std=_floats(std) or preset_std, count=count)
 
 
-def _quantize_with_progress(model, reader, config: QuantConfig, quiet: bool):
-    """quantize() with a progress bar over layers on stderr when it is a terminal, opened once the
-    first layer is done (so an early error prints nothing but its own line)."""
+def _quantize_with_progress(input_path: Path, output_path: Path, calibration, config: QuantConfig, quiet: bool,
+                            **options):
+    """quantize_file() with a progress bar over layers on stderr when it is a terminal, opened once
+    the first layer is done (so an early error prints nothing but its own line)."""
     if quiet or not sys.stderr.isatty():
-        return quantize(model, reader, config)
+        return quantize_file(input_path, output_path, calibration, config, **options)
     bars = []
 
     def progress(done: int, total: int, name: str) -> None:
@@ -348,7 +387,7 @@ def _quantize_with_progress(model, reader, config: QuantConfig, quiet: bool):
         bars[0].update(done - bars[0].pos, printable(name))
 
     try:
-        return quantize(model, reader, config, progress=progress)
+        return quantize_file(input_path, output_path, calibration, config, progress=progress, **options)
     finally:
         for bar in bars:
             bar.__exit__(None, None, None)

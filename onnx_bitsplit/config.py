@@ -30,9 +30,12 @@ class QuantConfig:
         depthwise_wbits: weight bits of depthwise Convs (one output channel per group); None keeps
             them at `wbits`. A depthwise row has only kh·kw weights (9 for 3x3) for its 4-bit grid,
             and these layers hold about 1% of a model's weights. Defaults to 8 (README, ablation).
-        layer_wbits: weight bits by node name or fnmatch pattern ('*depthwise*'), or for every
-            depthwise Conv with the key '@depthwise'; overrides everything above. An exact name
-            wins over patterns; among patterns, the first that matches.
+        layer_wbits: weight bits by node name, fnmatch pattern ('*depthwise*'), operator type
+            ('op:Gemm') or '@depthwise' (every depthwise Conv); overrides everything above. An
+            exact name wins over patterns; among patterns, the first that matches. A pattern that
+            matches no layer is an error.
+        exclude: layers kept in float, by the same kind of patterns as layer_wbits; they are listed
+            in the report with the pattern that excluded them. Defaults to none.
         size_budget: choose each layer's bits (4 or 8, by measured sensitivity) so that the
             output is at most this fraction of the float model's size; replaces wbits,
             first_last_wbits and depthwise_wbits, layer_wbits still apply. None: no budget. Defaults to None.
@@ -68,6 +71,7 @@ class QuantConfig:
     first_last_wbits: int | None = 8
     depthwise_wbits: int | None = 8
     layer_wbits: dict[str, int] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()
     size_budget: float | None = None
     error_compensation: bool = True
     compensation_blend: float = 0.5

@@ -128,10 +128,13 @@ def _qnn_runner(model: onnx.ModelProto) -> Runner:
         with _quiet_output():
             session = ort.InferenceSession(data, _qnn_options(devices, fallback=False))
         return _session_runner(session, Placement("qnn"))
-    except Exception:
-        pass
-    with _captured_stderr() as log:
-        session = ort.InferenceSession(data, _qnn_options(devices, fallback=True, severity=0))
+    except Exception as exc:
+        refusal = _first_line(exc)
+    try:
+        with _captured_stderr() as log:
+            session = ort.InferenceSession(data, _qnn_options(devices, fallback=True, severity=0))
+    except Exception:  # QNN fails even on the part it takes: its first refusal is the reason
+        raise BitsplitError(f"QNN HTP cannot load the model: {refusal}") from None
     reasons = {op: reason.strip() for op, reason in QNN_REASON.findall(log.read())}
     log.close()
     dynamic = [i.name for i in model.graph.input

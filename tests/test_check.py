@@ -79,3 +79,45 @@ def test_cli_json_and_routing(models_and_data, capsys):
     assert exit_info.value.code == 0
     figures = json.loads(capsys.readouterr().out)
     assert figures["samples"] == 30 and figures["outputs"][0]["agreement"] == 1.0
+
+
+def strict(text: str):
+    """json.loads that refuses NaN and Infinity, as strict parsers do."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_is_versioned_strict_and_says_whether_it_passed(models_and_data, capsys):
+    d = models_and_data
+    with pytest.raises(SystemExit) as exit_info:  # identical models: an infinite SQNR
+        main(["check", str(d / "float.onnx"), str(d / "float.onnx"), "--data", str(d / "data.npy"), "--json",
+              "--min-agree", "90%", "--min-sqnr", "20"])
+    figures = strict(capsys.readouterr().out)
+    assert exit_info.value.code == 0
+    assert figures["schema"] == 1 and figures["tool"]["name"] == "onnx-bitsplit"
+    assert figures["thresholds"] == {"min_agree": 0.9, "min_sqnr": 20.0}
+    assert figures["passed"] is True and figures["failures"] == [] and figures["outputs"][0]["sqnr_db"] is None
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", str(d / "float.onnx"), str(d / "damaged.onnx"), "--data", str(d / "data.npy"), "--json",
+              "--min-agree", "0.99"])
+    figures = strict(capsys.readouterr().out)
+    assert exit_info.value.code == 3 and figures["passed"] is False and "agreement" in figures["failures"][0]
+
+
+@pytest.mark.parametrize("value", ["90", "1.5", "-0.1", "ninety"])
+def test_min_agree_is_a_fraction_or_a_percent(models_and_data, capsys, value):
+    d = models_and_data
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", str(d / "float.onnx"), str(d / "float.onnx"), "--data", str(d / "data.npy"), "--min-agree", value])
+    assert exit_info.value.code == 2 and "percent" in capsys.readouterr().err
+
+
+def test_overlap_with_the_calibration_data_is_warned(models_and_data, capsys):
+    d = models_and_data
+    with pytest.raises(SystemExit):
+        main(["check", str(d / "float.onnx"), str(d / "float.onnx"), "--data", str(d / "data.npy"),
+              "--calib", str(d / "data.npy"), "--batch-size", "7"])
+    captured = capsys.readouterr()
+    assert "1 of the 1 --data files are calibration data" in captured.err
+    assert "30 samples in batches of 7" in captured.out

@@ -189,3 +189,17 @@ def test_bad_input_shapes_are_one_line_errors(tmp_path, model_path, npy_dir, sha
     result = invoke(model_path, tmp_path / "q.onnx", "--calib", npy_dir, "--input-shape", shape)
     assert result.exit_code != 0 and not (tmp_path / "q.onnx").exists()
     assert text in result.output and "Traceback" not in result.output, result.output
+
+
+def test_report_to_stdout_is_versioned_json(tmp_path, model_path, npy_dir, capsys):
+    from onnx_bitsplit.cli import main as run_main
+    with pytest.raises(SystemExit) as exit_info:
+        run_main([str(model_path), str(tmp_path / "q.onnx"), "--calib", str(npy_dir), "--report", "-", "--quiet",
+                  "--exclude", "conv2"])
+    assert exit_info.value.code == 0
+    report = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert report["schema"] == 1 and report["tool"]["version"] and report["options"]["wbits"] == 4
+    assert report["files"]["input"] == str(model_path) and report["skipped"] == [{"name": "conv2", "reason": "excluded by 'conv2'"}]
+    assert all(" " not in phase for phase in report["phase_seconds"])
+    assert {"outputs", "inputs", "groups", "rel_error"} <= set(report["layers"][0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "model.onnx", "q.onnx"]

@@ -9,8 +9,8 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from graphs import calibration_feeds, conv_bn_model, conv_model, gemm_model, matmul_model
-from onnx_bitsplit import QuantConfig, quantize
-from onnx_bitsplit.errors import CalibrationError, ModelError
+from onnx_bitsplit import QuantConfig, quantize, quantize_file
+from onnx_bitsplit.errors import BitsplitError, CalibrationError, ModelError
 
 BUILDERS = {
     "conv": conv_model,
@@ -198,3 +198,35 @@ def test_what_quantization_does_not_change_is_carried_over():
     assert props["character"] == "a\nb\nc" and props["labels"] == "cat,dog"
     assert quantized.producer_name == "onnx-bitsplit" and props["onnx-bitsplit.calibration_samples"] == "4"
     assert json.loads(props["onnx-bitsplit.layer_bits"]) == {"conv1": 8, "conv2": 4, "conv3": 8}
+
+
+def test_excluded_layers_stay_float_and_patterns_must_match():
+    model = conv_model(groups=16)
+    feeds = calibration_feeds(model, count=4)
+    quantized, report = quantize(model, feeds, QuantConfig(wbits=4, exclude=("conv2",)))
+    assert [layer.name for layer in report.layers] == ["conv1", "conv3"]
+    assert ("conv2", "excluded by 'conv2'") in report.skipped
+    conv2 = next(n for n in quantized.graph.node if n.name == "conv2")
+    assert "w2" in conv2.input  # its float weight, read directly
+    with pytest.raises(BitsplitError, match="selects none"):
+        quantize(model, feeds, QuantConfig(exclude=("conv9",)))
+    with pytest.raises(BitsplitError, match="selects none"):
+        quantize(model, feeds, QuantConfig(layer_wbits={"conv_2": 3}))
+    with pytest.raises(BitsplitError, match="no layer to quantize"):
+        quantize(model, feeds, QuantConfig(exclude=("op:Conv",)))
+    _, report = quantize(model, feeds, QuantConfig(wbits=3, layer_wbits={"op:Conv": 5}))
+    assert [layer.bits for layer in report.layers] == [5, 5, 5]
+
+
+def test_file_to_file_api_with_a_path_and_a_reader_of_the_model(tmp_path):
+    """quantize() takes a path too; quantize_file() writes atomically with the command's checks."""
+    model = conv_model()
+    onnx.save(model, tmp_path / "model.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
+    quantized, _ = quantize(tmp_path / "model.onnx", calibration_feeds(model, 4))
+    assert quantized.graph.node
+    report = quantize_file(tmp_path / "model.onnx", tmp_path / "q.onnx",
+                           lambda loaded: calibration_feeds(loaded, 4), report_path=tmp_path / "r.json")
+    assert report.files["output"] == str(tmp_path / "q.onnx") and report.quant_bytes == (tmp_path / "q.onnx").stat().st_size
+    assert json.loads((tmp_path / "r.json").read_text())["files"]["input"] == str(tmp_path / "model.onnx")
+    with pytest.raises(BitsplitError, match="is the input file"):
+        quantize_file(tmp_path / "model.onnx", tmp_path / "weights.bin", calibration_feeds(model, 4))

@@ -106,7 +106,7 @@ def test_interrupt_leaves_nothing(folder, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("onnx_bitsplit.cli.quantize", interrupted)
+    monkeypatch.setattr("onnx_bitsplit.api.quantize", interrupted)
     result = invoke(folder / "model.onnx", folder / "q.onnx", "--calib", folder / "calib.npy")
     assert result.exit_code == 130 and result.output.strip() == "Error: interrupted"
     assert sorted(p.name for p in folder.iterdir()) == ["calib.npy", "model.onnx"]

@@ -32,7 +32,7 @@ from .solver import BitSplitSolver, LayerSolution
 PATCH_ELEMENTS = 1 << 22  # patch values built at once per stream: 16 MiB, small enough that
 # malloc reuses the buffer instead of mapping (and page-faulting) fresh memory each time
 
-Progress = Callable[[int, int, str], None]
+Progress = Callable[[str, int, int, str], None]
 BUDGET_BITS = (4, 8)  # INT4 holds 2 to 4 bits at one cost, INT8 5 to 8: a byte budget picks from these
 SENSITIVITY_ITERATIONS = 3
 INT32_BIAS_LIMIT = 2**31 - 2**10  # largest |bias| in units of its grid, with room for float32 rounding
@@ -48,7 +48,9 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
             folder); it is not modified.
         calibration: an onnxruntime CalibrationDataReader or any iterable of {input_name: ndarray}.
         config: options. Defaults to QuantConfig() (W4A8, first and last layer W8).
-        progress: called as progress(done, total, layer_name) after each layer.
+        progress: called as progress(phase, done, total, layer_name) after each layer of a
+            phase ("sensitivity" with a size budget, then "layers"); done and total count work
+            (multiply-accumulates of the layers), so a rate gives a true time estimate.
 
     Returns:
         (the quantized model, the Report of what was done).
@@ -82,7 +84,8 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
     bits = [layer_bits(config, layers, index) for index in range(len(layers))]
     if config.size_budget is not None:
         with phase("sensitivity"):
-            sensitivity = _sensitivities(prepared, layers, batches, weights, config)
+            sensitivity = _sensitivities(prepared, layers, batches, weights, config,
+                                         _reporter(progress, "sensitivity", prepared, layers))
             bits, reasons = _budget_bits(model, prepared, layout, layers, weights, sensitivity, config)
 
     def choose(decision: TensorQuant, values: list[np.ndarray]) -> ActivationQuant:
@@ -93,7 +96,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
     with phase("capture"):
         streams = NetworkStreams(prepared, layers, batches, layout=layout, choose=choose,
                                  compensate=config.error_compensation)
-    solved = _solve_layers(streams, weights, bits, config, report, phase, progress)
+    solved = _solve_layers(streams, weights, bits, config, report, phase, _reporter(progress, "layers", prepared, layers))
     if config.size_budget is not None:
         report.layers = [replace(layer, sensitivity=errors, reason=reason)
                          for layer, errors, reason in zip(report.layers, sensitivity, reasons)]
@@ -156,7 +159,7 @@ def quantize_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
 
 
 def _solve_layers(streams: NetworkStreams, weights: dict, bits: list[int], config: QuantConfig,
-                  report: Report, phase: "_Clock", progress: Progress | None) -> list[WeightQuant]:
+                  report: Report, phase: "_Clock", progress: Callable[[int], None]) -> list[WeightQuant]:
     """Layer by layer: gather its statistics, solve, advance both streams.
 
     Returns:
@@ -180,8 +183,7 @@ def _solve_layers(streams: NetworkStreams, weights: dict, bits: list[int], confi
         report.layers.append(LayerReport(
             layer.name, layer.op, bits[index], (groups * rows, inputs, groups),
             solution.rel_error, solution.rtn_rel_error, time.perf_counter() - start))
-        if progress:
-            progress(index + 1, len(layers), layer.name)
+        progress(index)
     return solved
 
 
@@ -215,7 +217,8 @@ def choose_quantizer(decision: TensorQuant, batches: list[np.ndarray], config: Q
     return ActivationQuant(decision.name, scale, zero_point, config.abits), error
 
 
-def _sensitivities(model, layers: list[LayerSpec], batches, weights: dict, config: QuantConfig) -> list[dict]:
+def _sensitivities(model, layers: list[LayerSpec], batches, weights: dict, config: QuantConfig,
+                   progress: Callable[[int], None]) -> list[dict]:
     """Each layer's relative output error at each bit width of BUDGET_BITS, solved on float
     inputs (one float pass, a few iterations per solve); none for layers whose bits layer_wbits fixes."""
     streams = NetworkStreams(model, layers, batches, compensate=False)
@@ -230,7 +233,24 @@ def _sensitivities(model, layers: list[LayerSpec], batches, weights: dict, confi
         params = {name: weights[name] for name in (layer.weight_name, layer.bias_name) if name}
         if index + 1 < len(layers):  # nothing after the last layer is measured
             streams.advance(index, float_params=params, quant_params=params)
+        progress(index)
     return errors
+
+
+def _reporter(progress: Progress | None, phase: str, model: onnx.ModelProto, layers: list[LayerSpec]):
+    """progress(index) after layer `index`, reported as work done: each layer weighs its
+    multiply-accumulates per sample (weights x output positions; 1 position where unknown)."""
+    if progress is None:
+        return lambda index: None
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in model.graph.value_info}
+    outputs = {node.name: node.output[0] for node in model.graph.node}
+    work = []
+    for layer in layers:
+        dims = shapes.get(outputs[layer.name], [])
+        positions = int(np.prod([d for d in dims[2:] if d > 0])) if layer.geometry and dims else 1
+        work.append(int(np.prod(layer.weight_shape)) * positions)
+    done = np.cumsum(work)
+    return lambda index: progress(phase, int(done[index]), int(done[-1]), layers[index].name)
 
 
 def _budget_bits(model: onnx.ModelProto, prepared: onnx.ModelProto, layout: Layout, layers: list[LayerSpec],

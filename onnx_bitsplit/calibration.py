@@ -18,6 +18,7 @@ from .errors import CalibrationError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 ARRAY_SUFFIXES = {".npy", ".npz"}
 CROP_FRACTION = 0.875  # resize the short side to size/0.875, then center-crop: ImageNet's eval recipe
+LAYOUTS = ("nchw", "nhwc")
 PRESETS = {
     # x = (pixel - mean) / std, per RGB channel, pixels in [0, 255]
     "tf": ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0)),
@@ -34,15 +35,26 @@ class ImageFolderReader:
         folder: directory of jpg/png/bmp/webp images; grayscale and RGBA are converted to RGB.
         input_name: the model input to feed.
         size: (height, width) of the model input.
-        mean, std: per-channel normalisation in pixel units, x = (pixel - mean) / std.
+        mean, std: per-channel normalisation in pixel units, x = (pixel - mean) / std, in the
+            order of the channels fed (BGR with bgr=True).
         count: read at most this many images. Defaults to all.
+        layout: "nchw" ([1, 3, H, W] feeds) or "nhwc" ([1, H, W, 3]). Defaults to "nchw".
+        bgr: feed the channels in BGR order (OpenCV-trained models). Defaults to False.
+        crop_ratio: the center crop's share of the resized short side (ImageNet's 0.875; 1.0
+            resizes the short side to the input and crops only the long one). Defaults to 0.875.
     """
 
     def __init__(self, folder: str | Path, input_name: str, size: tuple[int, int], *,
-                 mean=PRESETS["tf"][0], std=PRESETS["tf"][1], count: int | None = None):
+                 mean=PRESETS["tf"][0], std=PRESETS["tf"][1], count: int | None = None,
+                 layout: str = "nchw", bgr: bool = False, crop_ratio: float = CROP_FRACTION):
+        if layout not in LAYOUTS:
+            raise CalibrationError(f"layout must be one of {', '.join(LAYOUTS)}, got '{layout}'")
+        if not 0.0 < crop_ratio <= 1.0:
+            raise CalibrationError(f"crop ratio must be in (0, 1], got {crop_ratio}")
         self.paths = image_paths(folder)[:count]
         self.input_name = input_name
         self.size = size
+        self.layout, self.bgr, self.crop_ratio = layout, bgr, crop_ratio
         self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
         if not (np.isfinite(self.mean).all() and np.isfinite(self.std).all() and (self.std != 0).all()):
@@ -57,8 +69,9 @@ class ImageFolderReader:
             return None
         path = self.paths[self._next]
         self._next += 1
-        pixels = load_image(path, self.size)
-        return {self.input_name: ((pixels - self.mean) / self.std)[None]}
+        pixels = load_image(path, self.size, self.crop_ratio)
+        image = (((pixels[::-1] if self.bgr else pixels) - self.mean) / self.std)[None]
+        return {self.input_name: np.ascontiguousarray(image.transpose(0, 2, 3, 1) if self.layout == "nhwc" else image)}
 
     def rewind(self) -> None:
         self._next = 0
@@ -149,9 +162,9 @@ def _listdir(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_file()]
 
 
-def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+def load_image(path: Path, size: tuple[int, int], crop_ratio: float = CROP_FRACTION) -> np.ndarray:
     """An image as (3, height, width) float32 RGB pixels in [0, 255]: the short side resized to
-    max(size) / CROP_FRACTION, then the center cropped to `size`.
+    max(size) / crop_ratio, then the center cropped to `size`.
 
     Memory stays bounded by the output, whatever the file declares: JPEGs are decoded at the
     smallest size the decoder offers above the one needed, only the crop's source box is resized,
@@ -161,10 +174,10 @@ def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     try:
         with Image.open(path) as image:
-            scale = max(height, width) / CROP_FRACTION / min(image.size)
+            scale = max(height, width) / crop_ratio / min(image.size)
             image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
             image = image.convert("RGB")
-            scale = max(height, width) / CROP_FRACTION / min(image.size)  # the draft may have shrunk it
+            scale = max(height, width) / crop_ratio / min(image.size)  # the draft may have shrunk it
             resized = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
             left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
             box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)

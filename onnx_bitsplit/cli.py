@@ -26,7 +26,8 @@ import onnx
 
 from . import __version__
 from .api import quantize_file
-from .calibration import ARRAY_SUFFIXES, PRESETS, ImageFolderReader, NpyReader, labels_from_names
+from .calibration import (ARRAY_SUFFIXES, CROP_FRACTION, LAYOUTS, PRESETS, ImageFolderReader, NpyReader,
+                          labels_from_names)
 from .check import compare
 from .config import QuantConfig, memory_limit
 from .errors import BitsplitError, CalibrationError, Terminated
@@ -94,17 +95,26 @@ def _layer_bits(pairs: tuple[str, ...]) -> dict[str, int]:
 
 
 def data_options(command):
-    """--preset, --mean, --std, --input-size and --max-memory, shared by both commands."""
-    command = click.option("--max-memory", metavar="SIZE", callback=lambda ctx, param, value: _bytes(value),
-                           help="Refuse, before allocating it, any single input (a model's weights, a "
-                                "calibration array, a constant it folds) larger than this, e.g. 4G.  "
-                                "[default: half the machine's memory]")(command)
-    command = click.option("--input-size", metavar="HxW",
-                           help="Image size for models whose input size is dynamic, e.g. 640x640.")(command)
-    command = click.option("--std", help="Per-channel std in pixel units (overrides --preset), e.g. 58.4,57.1,57.4.")(command)
-    command = click.option("--mean", help="Per-channel mean in pixel units (overrides --preset), e.g. 123.7,116.3,103.5.")(command)
-    return click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tf", show_default=True,
-                        help="Image normalisation: tf (x-127)/128, torch ImageNet mean/std, unit x/255, raw x.")(command)
+    """How images become input tensors, and the memory limit: shared by both commands, which
+    receive them as one dict of keyword arguments (see _reader)."""
+    options = [
+        click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tf", show_default=True,
+                     help="Image normalisation: tf (x-127)/128, torch ImageNet mean/std, unit x/255, raw x."),
+        click.option("--mean", help="Per-channel mean in pixel units (overrides --preset), e.g. 123.7,116.3,103.5."),
+        click.option("--std", help="Per-channel std in pixel units (overrides --preset), e.g. 58.4,57.1,57.4."),
+        click.option("--input-size", metavar="HxW", help="Image size for models whose input size is dynamic, e.g. 640x640."),
+        click.option("--layout", type=click.Choice(LAYOUTS),
+                     help="Image tensor layout.  [default: from the model's input, channels of 3]"),
+        click.option("--bgr", is_flag=True, help="Feed channels in BGR order (--mean/--std in that order too)."),
+        click.option("--crop-ratio", type=float, default=CROP_FRACTION, show_default=True,
+                     help="Resize the short side to size/RATIO, then center-crop (1 crops only the long side)."),
+        click.option("--max-memory", metavar="SIZE", callback=lambda ctx, param, value: _bytes(value),
+                     help="Refuse, before allocating it, any single input (a model's weights, a calibration "
+                          "array, a constant it folds) larger than this, e.g. 4G.  [default: half the machine's memory]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.command(context_settings=CONTEXT, epilog="Compare the result with its float model: onnx-bitsplit check --help")
@@ -159,14 +169,12 @@ def data_options(command):
               help="Store the weights in OUT.onnx.data beside the output (automatic above 2 GiB).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--verbose", "-v", is_flag=True, help="On an error, print the full traceback before its line.")
-def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_count: int, preset: str,
-                     mean: str | None, std: str | None, input_size: str | None, max_memory: int | None,
-                     input_shapes: tuple[str, ...],
+def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_count: int, input_shapes: tuple[str, ...],
                      wbits: int, abits: int, weight_storage: str, first_last_wbits: str, depthwise_wbits: str,
                      layer_bits: tuple[str, ...], exclude: tuple[str, ...], size_budget: float | None, error_compensation: bool, compensation_blend: float,
                      bias_correction: bool, equalization: bool,
                      iterations: int, damping: float, batch_size: int, report_path: Path | None,
-                     external_data: bool, quiet: bool, verbose: bool):
+                     external_data: bool, quiet: bool, verbose: bool, **data_options):
     """Quantize a float ONNX model to a low-bit QDQ model with Bit-Split and Stitching."""
     with _one_line_errors(verbose):
         config = QuantConfig(
@@ -177,13 +185,12 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
             compensation_blend=compensation_blend,
             bias_correction=bias_correction, equalization=equalization,
             iterations=iterations, damping=damping,
-            batch_size=batch_size, calib_count=calib_count, max_memory=max_memory)
+            batch_size=batch_size, calib_count=calib_count, max_memory=data_options["max_memory"])
         if input_shapes:
             config = replace(config, input_shapes=_input_shapes(input_path, input_shapes))
         to_stdout = report_path == Path("-")
         report = _quantize_with_progress(
-            input_path, output_path, lambda model: _reader(
-                model, calib, calib_count, preset, mean, std, input_size, memory_limit(max_memory), config.input_shapes),
+            input_path, output_path, lambda model: _reader(model, calib, calib_count, data_options, config.input_shapes),
             config, quiet, report_path=None if to_stdout else report_path, external_data=external_data or None,
             calibration_files=_data_files(calib))
         if to_stdout:
@@ -220,15 +227,14 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but failures and warnings.")
 @click.option("--verbose", "-v", is_flag=True, help="On an error, print the full traceback before its line.")
 def check_command(float_path: Path, quant_path: Path, data: Path, count: int | None, batch_size: int,
-                  calib: Path | None, preset: str, mean: str | None, std: str | None, input_size: str | None,
-                  max_memory: int | None, labels_path: Path | None, min_agree: float | None,
-                  min_sqnr: float | None, provider: str, as_json: bool, quiet: bool, verbose: bool):
+                  calib: Path | None, labels_path: Path | None, min_agree: float | None,
+                  min_sqnr: float | None, provider: str, as_json: bool, quiet: bool, verbose: bool, **data_options):
     """Run a float model and its quantized version on the same inputs and compare them: argmax
     agreement, top-1 where labels are known, cosine similarity, SQNR, max error, latency."""
     with _one_line_errors(verbose):
-        limit = memory_limit(max_memory)
+        limit = memory_limit(data_options["max_memory"])
         float_model, quant_model = load_model(float_path, max_bytes=limit), load_model(quant_path, max_bytes=limit)
-        reader = _reader(quant_model, data, count, preset, mean, std, input_size, limit)
+        reader = _reader(quant_model, data, count, data_options)
         if calib is not None:
             _warn_overlap(data, calib, count)
         labels = _labels(reader, labels_path)
@@ -348,49 +354,59 @@ def _data_files(path: Path) -> list[Path]:
     return [path] if path.exists() else []
 
 
-def _reader(model: onnx.ModelProto, calib: Path, count: int | None, preset: str, mean: str | None,
-            std: str | None, input_size: str | None, max_bytes: int, input_shapes: dict | None = None):
+def _reader(model: onnx.ModelProto, path: Path, count: int | None, options: dict, input_shapes: dict | None = None):
     """An NpyReader for array files, else an ImageFolderReader sized to the model's input (or to
-    its --input-shape)."""
+    its --input-shape), laid out as the input is (or as --layout says).
+
+    Args:
+        options: the data_options (preset, mean, std, input_size, layout, bgr, crop_ratio, max_memory).
+    """
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
-    if calib.is_file() and calib.suffix.lower() in ARRAY_SUFFIXES or calib.is_dir() and any(
-            p.suffix.lower() in ARRAY_SUFFIXES for p in calib.iterdir()):
-        return NpyReader(calib, [i.name for i in inputs], max_bytes=max_bytes)
+    if path.is_file() and path.suffix.lower() in ARRAY_SUFFIXES or path.is_dir() and any(
+            p.suffix.lower() in ARRAY_SUFFIXES for p in path.iterdir()):
+        return NpyReader(path, [i.name for i in inputs], max_bytes=memory_limit(options["max_memory"]))
     if len(inputs) != 1:
         raise CalibrationError(f"the model has {len(inputs)} inputs; calibrate it with .npz files keyed by input name")
     dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
     dims = list((input_shapes or {}).get(inputs[0].name, dims))
-    if len(dims) != 4 or dims[1] != 3:
-        raise CalibrationError(f"input '{inputs[0].name}' is not a 3-channel NCHW image; "
+    layout = options["layout"] or ("nhwc" if len(dims) == 4 and dims[3] == 3 and dims[1] != 3 else "nchw")
+    channels, height, width = (dims[1], dims[2], dims[3]) if len(dims) == 4 and layout == "nchw" else \
+        (dims[3], dims[1], dims[2]) if len(dims) == 4 else (0, 0, 0)
+    if channels != 3:
+        raise CalibrationError(f"input '{inputs[0].name}' is not a 3-channel {layout.upper()} image; "
                                "calibrate it with .npy/.npz files")
-    size = _size(input_size) if input_size else (dims[2], dims[3])
+    size = _size(options["input_size"]) if options["input_size"] else (height, width)
     if not all(size):
         raise CalibrationError(f"input '{inputs[0].name}' has a dynamic size; give one with --input-size HxW")
-    preset_mean, preset_std = PRESETS[preset]
-    return ImageFolderReader(calib, inputs[0].name, size,
-                             mean=_floats(mean) or preset_mean, std=_floats(std) or preset_std, count=count)
+    preset_mean, preset_std = PRESETS[options["preset"]]
+    return ImageFolderReader(path, inputs[0].name, size, mean=_floats(options["mean"]) or preset_mean,
+                             std=_floats(options["std"]) or preset_std, count=count, layout=layout,
+                             bgr=options["bgr"], crop_ratio=options["crop_ratio"])
 
 
 def _quantize_with_progress(input_path: Path, output_path: Path, calibration, config: QuantConfig, quiet: bool,
                             **options):
-    """quantize_file() with a progress bar over layers on stderr when it is a terminal, opened once
-    the first layer is done (so an early error prints nothing but its own line)."""
+    """quantize_file() with a progress bar per phase on stderr when it is a terminal, opened once
+    the phase's first layer is done (so an early error prints nothing but its own line); the bars
+    count work, so their time estimates hold when layers differ in size."""
     if quiet or not sys.stderr.isatty():
         return quantize_file(input_path, output_path, calibration, config, **options)
-    bars = []
+    bars = {}
 
-    def progress(done: int, total: int, name: str) -> None:
-        if not bars:
-            bars.append(click.progressbar(length=total, label="layers", file=sys.stderr, show_pos=True,
-                                          item_show_func=lambda item: item).__enter__())
-        bars[0].update(done - bars[0].pos, printable(name))
+    def progress(phase: str, done: int, total: int, name: str) -> None:
+        if phase not in bars:
+            for bar in bars.values():
+                bar.__exit__(None, None, None)
+            bars[phase] = click.progressbar(length=total, label=phase, file=sys.stderr, show_percent=True,
+                                            item_show_func=lambda item: item).__enter__()
+        bars[phase].update(done - bars[phase].pos, printable(name)[-40:])
 
     try:
         return quantize_file(input_path, output_path, calibration, config, progress=progress, **options)
     finally:
-        for bar in bars:
-            bar.__exit__(None, None, None)
+        if bars:
+            list(bars.values())[-1].__exit__(None, None, None)
 
 
 

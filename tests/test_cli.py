@@ -203,3 +203,46 @@ def test_report_to_stdout_is_versioned_json(tmp_path, model_path, npy_dir, capsy
     assert all(" " not in phase for phase in report["phase_seconds"])
     assert {"outputs", "inputs", "groups", "rel_error"} <= set(report["layers"][0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "model.onnx", "q.onnx"]
+
+
+def test_image_layout_channel_order_and_crop(tmp_path):
+    from onnx_bitsplit.calibration import ImageFolderReader
+    (tmp_path / "images").mkdir()
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[..., 0], pixels[..., 1], pixels[..., 2] = 10, 20, 30
+    pixels[:, :10] = 255  # a white band at the left: outside the center crop unless the crop is wide
+    Image.fromarray(pixels).save(tmp_path / "images" / "a.png")
+    raw = dict(mean=(0, 0, 0), std=(1, 1, 1))
+    nchw = next(iter(ImageFolderReader(tmp_path / "images", "x", (10, 10), **raw)))["x"]
+    assert nchw.shape == (1, 3, 10, 10) and nchw[0, :, 5, 5].tolist() == [10, 20, 30]
+    nhwc = next(iter(ImageFolderReader(tmp_path / "images", "x", (10, 10), layout="nhwc", bgr=True, **raw)))["x"]
+    assert nhwc.shape == (1, 10, 10, 3) and nhwc[0, 5, 5].tolist() == [30, 20, 10]
+    wide = next(iter(ImageFolderReader(tmp_path / "images", "x", (10, 20), crop_ratio=1.0, **raw)))["x"]
+    assert wide[0, 0, 5, 0] == 10 and wide[0, 0, 5, -1] == 10  # the 2:1 crop of a 2:1 image keeps all but the band
+
+
+def test_an_nhwc_model_is_calibrated_from_images(tmp_path):
+    """x [N,8,8,3] -> Transpose -> Conv: the layout comes from the model's input."""
+    rng = np.random.default_rng(0)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2], name="to_nchw"),
+         onnx.helper.make_node("Conv", ["t", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "nhwc",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8, 8, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [onnx.numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), tmp_path / "nhwc.onnx")
+    (tmp_path / "images").mkdir()
+    for index in range(3):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{index}.png")
+    result = invoke(tmp_path / "nhwc.onnx", tmp_path / "q.onnx", "--calib", tmp_path / "images", "--bgr", "--quiet")
+    assert result.exit_code == 0, result.output
+
+
+def test_sizes_count_the_external_weights_file(tmp_path, model_path, npy_dir, capsys):
+    from onnx_bitsplit.cli import main as run_main
+    with pytest.raises(SystemExit):
+        run_main([str(model_path), str(tmp_path / "q.onnx"), "--calib", str(npy_dir), "--report", "-", "--quiet",
+                  "--external-data", "--wbits", "8"])
+    sizes = json.loads(capsys.readouterr().out)["sizes"]
+    written = (tmp_path / "q.onnx").stat().st_size + (tmp_path / "q.onnx.data").stat().st_size
+    assert sizes["quant_bytes"] == written and written > 0.2 * sizes["float_bytes"]

@@ -230,3 +230,17 @@ def test_file_to_file_api_with_a_path_and_a_reader_of_the_model(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["files"]["input"] == str(tmp_path / "model.onnx")
     with pytest.raises(BitsplitError, match="is the input file"):
         quantize_file(tmp_path / "model.onnx", tmp_path / "weights.bin", calibration_feeds(model, 4))
+
+
+def test_progress_counts_work_per_phase():
+    model = conv_model()
+    calls = []
+    quantize(model, calibration_feeds(model, 4), QuantConfig(size_budget=0.5),
+             progress=lambda phase, done, total, name: calls.append((phase, done, total, name)))
+    assert [c[0] for c in calls] == ["sensitivity"] * 3 + ["layers"] * 3
+    for phase in ("sensitivity", "layers"):
+        done = [c[1] for c in calls if c[0] == phase]
+        assert done == sorted(done) and done[-1] == calls[-1][2]
+    # conv1 (16x8x3x3 on 12x12) does more work than conv3 (8x16x1x1 on 6x6): the bar is not per layer
+    steps = np.diff([0] + [c[1] for c in calls if c[0] == "layers"])
+    assert steps[0] > 10 * steps[2]

@@ -1,11 +1,12 @@
 """Benchmark: quantize one model several ways on the same calibration images, evaluate every result
 on the same held-out images, and run it where users deploy it.
 
-    python tools/bench.py                        # EfficientNet-Lite0 from ../shared, the main methods
+    python tools/bench.py          # the embedded model and its 64 images: 32 calibrate, 32 evaluate
+    python tools/bench.py --images ../shared/data/imagenet-sample-dev   # the README tables
     python tools/bench.py --methods float,bitsplit-ec-w4 --calib-count 64
 
-Calibration uses the first --calib-count images of --images (sorted by name) and evaluation the
-rest; with --calib-last, the last --calib-count images calibrate and the ones before them evaluate
+Calibration uses the first --calib-count images of --images (sorted by name; default: 256, or
+half of the images when there are fewer than 512) and evaluation the rest; with --calib-last, the last --calib-count images calibrate and the ones before them evaluate
 (a second split, to check that a default chosen on the first one holds). Labels come from the file
 names (`CCC_wnid_name.jpg` -> int(CCC)). Every model is written with a static batch-1 input
 (`--input-shape 1xCxHxW`, what NPUs need; onnxruntime's rows go through its quant_pre_process at
@@ -41,7 +42,6 @@ from onnx_bitsplit.graph import find_layers, prepare, set_input_shapes
 from onnx_bitsplit.providers import open_runner
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 INTEGER_OPS = ("QLinear", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantize")
 FLOAT_LAYERS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
 
@@ -95,10 +95,11 @@ DEFAULT_METHODS = ("float,ort-minmax-w8,ort-minmax-w4,rtn-w4,bitsplit-w4,bitspli
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=SHARED / "models" / "efficientnet-lite0.onnx")
-    parser.add_argument("--images", type=Path, default=SHARED / "data" / "imagenet-sample-dev")
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "efficientnet-lite0.onnx")
+    parser.add_argument("--images", type=Path, default=ROOT / "models" / "calibration",
+                        help="images named CCC_anything.jpg (CCC the class)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tf")
-    parser.add_argument("--calib-count", type=int, default=256)
+    parser.add_argument("--calib-count", type=int, help="[default: 256, or half of the images if fewer than 512]")
     parser.add_argument("--calib-last", action="store_true",
                         help="calibrate on the last --calib-count images, evaluate on the ones before them")
     parser.add_argument("--methods", default=DEFAULT_METHODS,
@@ -109,6 +110,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench.md"))
     parser.add_argument("--keep", type=Path, help="keep the models in this folder")
     args = parser.parse_args(argv)
+    if args.calib_count is None:
+        args.calib_count = min(256, len(ImageFolderReader(args.images, "", (1, 1)).paths) // 2)
 
     model = onnx.load(args.model)
     input_name = model.graph.input[0].name

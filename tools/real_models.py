@@ -27,7 +27,6 @@ from PIL import Image, ImageDraw, ImageFont
 from onnx_bitsplit import ImageFolderReader, QuantConfig, quantize
 from onnx_bitsplit.check import compare
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 # name: (file, input size, mean, std) with PaddleOCR's own preprocessing
 MODELS = {
     "det": ("ch_PP-OCRv4_det_infer.onnx", (320, 320), (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),

@@ -148,13 +148,13 @@ def quantize_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
     quantized, report = quantize(model, calibration, config, progress=progress)
     with OutputFiles() as files:
         data_path = save_model(quantized, output_path, external_data=external_data, files=files)
+        report.float_bytes = float_bytes
+        report.quant_bytes = files.size(output_path) + (files.size(data_path) if data_path else 0)
         report.files = {"input": str(input_path), "output": str(output_path)}
         report.files.update({"weights": str(data_path)} if data_path else {})
         report.files.update({"report": str(report_path)} if report_path else {})
         if report_path:
             files.write(report_path, report.to_json().encode())
-    report.float_bytes = float_bytes
-    report.quant_bytes = files.sizes[output_path] + files.sizes.get(data_path, 0)
     return report
 
 

@@ -147,7 +147,6 @@ class OutputFiles:
 
     def __init__(self):
         self.staged: list[tuple[Path, Path]] = []  # (temporary, final)
-        self.sizes: dict[Path, int] = {}
 
     def __enter__(self) -> "OutputFiles":
         return self
@@ -159,6 +158,10 @@ class OutputFiles:
         self.staged.append((Path(temporary), path))
         return os.fdopen(handle, "wb")
 
+    def size(self, path: Path) -> int:
+        """Bytes staged so far for `path` (0 when nothing is)."""
+        return next((temporary.stat().st_size for temporary, final in self.staged if final == path), 0)
+
     def write(self, path: Path, data: bytes) -> None:
         with self.open(path) as file:
             file.write(data)
@@ -169,7 +172,6 @@ class OutputFiles:
                 mode = 0o666 & ~_umask()  # mkstemp's 0600 is for the temporaries only
                 for temporary, final in self.staged:
                     os.chmod(temporary, mode)
-                    self.sizes[final] = temporary.stat().st_size
                 with _signals_held():  # all renames or none: a signal waits until they are done
                     for index, (temporary, final) in enumerate(self.staged):
                         os.replace(temporary, final)

@@ -3,6 +3,7 @@ outputs are whole or absent, bad data never reaches a model silently, memory is 
 is allocated, every exit is one line with a documented code."""
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -326,3 +327,14 @@ def test_work_per_layer_is_constant(monkeypatch):
         totals[layers] = dict(counts)
     assert totals[40]["make_session"] - totals[20]["make_session"] == 2 * (totals[20]["make_session"] - totals[10]["make_session"])
     assert totals[10]["toposort"] == totals[40]["toposort"]  # the graph is repaired once per edit batch, not per layer
+
+
+def test_check_json_of_non_finite_outputs_is_strict(folder, capsys):
+    model = conv_model()
+    weight = model.graph.initializer[0]
+    weight.CopyFrom(numpy_helper.from_array(np.full((16, 8, 3, 3), np.nan, np.float32), weight.name))
+    onnx.save(model, folder / "nan.onnx")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", str(folder / "model.onnx"), str(folder / "nan.onnx"), "--data", str(folder / "calib.npy"), "--json"])
+    figures = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert exit_info.value.code == 3 and figures["passed"] is False and figures["outputs"][0]["finite"] is False

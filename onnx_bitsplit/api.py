@@ -16,7 +16,6 @@ import onnx
 from .act_scale import fake_quant, minmax_affine, mse_affine, mse_scale, quant_range, sample_values
 from .calibration import as_feeds, batch_feeds, input_shapes, sample_count
 from .capture import NetworkStreams
-from .providers import make_session
 from .config import QuantConfig, memory_limit
 from .equalize import equalize
 from .errors import BitsplitError, ModelError
@@ -24,6 +23,7 @@ from .graph import LayerSpec, find_layers, prepare
 from .layout import ActivationQuant, Layout, TensorQuant, plan_layout
 from .modelio import OutputFiles, check_output_paths, load_model, model_files, save_model, weights_path
 from .mixed import LayerCost, allocate_bits, storage_bytes
+from .providers import make_session
 from .qdq import WeightQuant, carry_metadata, write_qdq
 from .report import LayerReport, Report
 from .selection import check_overrides, exclude_layers, layer_bits, override

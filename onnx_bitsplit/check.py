@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .calibration import as_feeds, batch_feeds, input_shapes, sample_count
-from .errors import BitsplitError, ModelError
+from .errors import BitsplitError, ModelError, first_line
 from .providers import Placement, open_runner
 from . import __version__
 from .report import SCHEMA, finite_json
@@ -170,7 +170,7 @@ def _load(model: onnx.ModelProto, provider: str):
     except BitsplitError:
         raise
     except Exception as exc:
-        raise ModelError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
+        raise ModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
 
 
 def _run(runner, batches: list[dict]) -> tuple[list[tuple[str, np.ndarray]], float]:

@@ -30,7 +30,7 @@ from .calibration import (ARRAY_SUFFIXES, CROP_FRACTION, LAYOUTS, PRESETS, Image
                           labels_from_names)
 from .check import compare
 from .config import QuantConfig, memory_limit
-from .errors import BitsplitError, CalibrationError, Terminated
+from .errors import BitsplitError, CalibrationError, Terminated, first_line
 from .modelio import load_model
 from .providers import PROVIDERS
 from .report import printable
@@ -68,8 +68,7 @@ def _one_line_errors(verbose: bool = False):
             traceback.print_exc()
         if isinstance(exc, BitsplitError):
             raise CommandError(str(exc)) from None
-        lines = str(exc).strip().splitlines()
-        raise CommandError(f"{type(exc).__name__}: {lines[0] if lines else 'failed'}") from None
+        raise CommandError(f"{type(exc).__name__}: {first_line(exc)}") from None
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:

@@ -26,3 +26,9 @@ class Terminated(BaseException):
     @staticmethod
     def describe(signum: int) -> str:
         return "interrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (libraries write several), or its type's name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

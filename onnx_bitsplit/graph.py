@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import version_converter
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .patches import ConvGeometry, conv_patches, dense_patches
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+            raise ModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
         optimized = onnx.load(str(target))
     used = {node.domain or "" for node in optimized.graph.node}
     kept = [o for o in optimized.opset_import if (o.domain or "") in used | {"", "ai.onnx"}]
@@ -209,10 +209,6 @@ def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     optimized.opset_import.extend(kept)
     return optimized
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def export(graph: gs.Graph) -> onnx.ModelProto:

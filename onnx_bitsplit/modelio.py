@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 from onnx.external_data_helper import load_external_data_for_model, set_external_data
 
-from .errors import BitsplitError, ModelError
+from .errors import BitsplitError, ModelError, first_line
 
 PROTOBUF_LIMIT = 2**31 - 2**24  # a serialized ModelProto must stay under 2 GiB; keep a margin
 EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the weights file
@@ -33,7 +33,7 @@ def load_model(path: str | Path, *, max_bytes: int | None = None) -> onnx.ModelP
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise ModelError(f"cannot read '{path}' as an ONNX model: {_first_line(exc)}") from None
+        raise ModelError(f"cannot read '{path}' as an ONNX model: {first_line(exc)}") from None
     if not model.graph.node:
         raise ModelError(f"'{path}' holds no ONNX graph (empty, or not an ONNX model)")
     folder = path.parent.resolve()
@@ -49,7 +49,7 @@ def load_model(path: str | Path, *, max_bytes: int | None = None) -> onnx.ModelP
         try:
             load_external_data_for_model(model, str(folder))
         except Exception as exc:
-            raise ModelError(f"cannot read the external data of '{path}': {_first_line(exc)}") from None
+            raise ModelError(f"cannot read the external data of '{path}': {first_line(exc)}") from None
     return model
 
 
@@ -83,7 +83,7 @@ def model_files(path: str | Path) -> list[Path]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise ModelError(f"cannot read '{path}' as an ONNX model: {_first_line(exc)}") from None
+        raise ModelError(f"cannot read '{path}' as an ONNX model: {first_line(exc)}") from None
     folder = path.parent.resolve()
     files = [path]
     for tensor in _tensors(model):
@@ -227,7 +227,7 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, external_data: bool 
         try:
             staged.write(path, model.SerializeToString())
         except ValueError as exc:  # protobuf's 2 GiB limit
-            raise BitsplitError(f"cannot write '{path}': {_first_line(exc)}") from None
+            raise BitsplitError(f"cannot write '{path}': {first_line(exc)}") from None
     return data_path
 
 
@@ -271,7 +271,3 @@ def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                     graphs.append(attribute.g)
                 graphs.extend(attribute.graphs)
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import BitsplitError
+from .errors import BitsplitError, first_line
 
 PROVIDERS = ("cpu", "qnn", "openvino")
 PACKAGES = {"qnn": "onnxruntime-qnn", "openvino": "openvino"}
@@ -101,7 +101,7 @@ def _qnn_devices():
             with _quiet_output():  # the QNN libraries print a banner as they load
                 ort.register_execution_provider_library(QNN_EP, qnn.get_library_path())
         except Exception as exc:
-            raise BitsplitError(f"cannot load the QNN execution provider: {_first_line(exc)}") from None
+            raise BitsplitError(f"cannot load the QNN execution provider: {first_line(exc)}") from None
         devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN_EP]
     if not devices:
         raise BitsplitError("the QNN execution provider offers no device on this machine")
@@ -129,7 +129,7 @@ def _qnn_runner(model: onnx.ModelProto) -> Runner:
             session = ort.InferenceSession(data, _qnn_options(devices, fallback=False))
         return _session_runner(session, Placement("qnn"))
     except Exception as exc:
-        refusal = _first_line(exc)
+        refusal = first_line(exc)
     try:
         with _captured_stderr() as log:
             session = ort.InferenceSession(data, _qnn_options(devices, fallback=True, severity=0))
@@ -157,7 +157,7 @@ def _openvino_runner(model: onnx.ModelProto) -> Runner:
         try:
             compiled = core.compile_model(core.read_model(str(path)), "CPU")
         except Exception as exc:
-            raise BitsplitError(f"OpenVINO cannot load the model: {_first_line(exc)}") from None
+            raise BitsplitError(f"OpenVINO cannot load the model: {first_line(exc)}") from None
     fallbacks = []
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
@@ -208,7 +208,3 @@ class _quiet_output(_captured_stderr):
         self.file.close()
         return False
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -425,7 +425,3 @@ def non_negative_tensors(model: onnx.ModelProto) -> set[str]:
             found.update(node.output[:1])
     return found
 
-
-def is_non_negative(model: onnx.ModelProto, tensor_name: str) -> bool:
-    """True when the tensor is provably >= 0 (non_negative_tensors)."""
-    return tensor_name in non_negative_tensors(model)

@@ -28,7 +28,7 @@ from .capture import quantizer_dtype
 from .graph import IR_VERSION, LayerSpec
 from .layout import ActivationQuant, Layout
 
-INT4_STORAGE, INT8_STORAGE = "int4", "int8"
+INT4_STORAGE = "int4"  # the other storage, "int8", keeps every weight in INT8
 PRODUCER = "onnx-bitsplit"
 
 
@@ -58,8 +58,8 @@ def write_qdq(model: onnx.ModelProto, layout: Layout, weights: list[WeightQuant]
         layout: the quantized tensors and constants.
         weights: every quantized layer.
         quantizers: the chosen quantizer of every tensor and constant of the layout.
-        weight_storage: INT4_STORAGE keeps weights of 4 bits or fewer in INT4, INT8_STORAGE
-            stores every weight in INT8 (the values are the same; CPU runtimes have INT8 kernels).
+        weight_storage: "int4" keeps weights of 4 bits or fewer in INT4, "int8" stores every
+            weight in INT8 (the values are the same; CPU runtimes have INT8 kernels).
     """
     with gs.logger.G_LOGGER.suppress():
         graph = gs.import_onnx(model)
@@ -82,15 +82,16 @@ def _integer_constant(name: str, values: np.ndarray, dtype) -> gs.Constant:
     return gs.Constant(name, LazyValues(numpy_helper.from_array(values.astype(dtype), name)))
 
 
-def _dequantize(graph: gs.Graph, name: str, values: np.ndarray, scale: np.ndarray, dtype,
-                axis: int | None = None) -> gs.Variable:
-    """A DequantizeLinear of constant integers (zero point 0) and its output."""
+def _dequantize(graph: gs.Graph, name: str, values: np.ndarray, scale: np.ndarray | float, dtype,
+                axis: int | None = None, zero_point: int = 0) -> gs.Variable:
+    """A DequantizeLinear of constant integers (one zero point per scale) and its output."""
+    scale = np.asarray(scale, np.float32)
     output = gs.Variable(qdq_name(name, "dequantized"), np.float32, values.shape)
     graph.nodes.append(gs.Node(
         "DequantizeLinear", qdq_name(name, "DequantizeLinear"), attrs={} if axis is None else {"axis": axis},
         inputs=[_integer_constant(qdq_name(name, "quantized"), values, dtype),
-                gs.Constant(qdq_name(name, "scale"), np.asarray(scale, np.float32)),
-                _integer_constant(qdq_name(name, "zero_point"), np.zeros_like(scale), dtype)],
+                gs.Constant(qdq_name(name, "scale"), scale),
+                _integer_constant(qdq_name(name, "zero_point"), np.full(scale.shape, zero_point), dtype)],
         outputs=[output]))
     return output
 
@@ -107,13 +108,7 @@ def _quantize_constant(graph: gs.Graph, constant: gs.Constant, quantizer: Activa
     dtype = quantizer_dtype(quantizer)
     low, high = np.iinfo(dtype).min, np.iinfo(dtype).max
     values = np.clip(np.rint(constant.values / quantizer.scale) + quantizer.zero_point, low, high)
-    output = gs.Variable(qdq_name(constant.name, "dequantized"), np.float32, constant.shape)
-    graph.nodes.append(gs.Node(
-        "DequantizeLinear", qdq_name(constant.name, "DequantizeLinear"),
-        inputs=[_integer_constant(qdq_name(constant.name, "quantized"), values, dtype),
-                gs.Constant(qdq_name(constant.name, "scale"), np.array(quantizer.scale, np.float32)),
-                _integer_constant(qdq_name(constant.name, "zero_point"), np.array(quantizer.zero_point), dtype)],
-        outputs=[output]))
+    output = _dequantize(graph, constant.name, values, quantizer.scale, dtype, zero_point=quantizer.zero_point)
     for reader in list(constant.outputs):
         _replace_input(reader, constant, output)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -28,9 +29,11 @@ from .qdq import WeightQuant, carry_metadata, write_qdq
 from .report import LayerReport, Report
 from .selection import check_overrides, exclude_layers, layer_bits, override
 from .solver import BitSplitSolver, LayerSolution
+from .store import BatchStore
 
 PATCH_ELEMENTS = 1 << 22  # patch values built at once per stream: 16 MiB, small enough that
 # malloc reuses the buffer instead of mapping (and page-faulting) fresh memory each time
+ROWS_PER_WIDTH = 64  # sampled patch rows per weight column at least (an N x N Gram needs rows >> N)
 
 Progress = Callable[[str, int, int, str], None]
 BUDGET_BITS = (4, 8)  # INT4 holds 2 to 4 bits at one cost, INT8 5 to 8: a byte budget picks from these
@@ -70,48 +73,54 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
         report.skipped += excluded
         if not layers:
             raise BitsplitError("--exclude leaves no layer to quantize")
-    with phase("calibration"):
-        batches = batch_feeds(as_feeds(calibration), input_shapes(prepared),
-                              batch_size=config.batch_size, count=config.calib_count)
-        report.calibration_samples = sample_count(batches)
-    if config.equalization:
-        with phase("equalization"):
-            prepared, report.equalized = equalize(prepared, {layer.name for layer in layers}, batches)
-            names = {layer.name for layer in layers}
-            layers = [layer for layer in find_layers(prepared)[0] if layer.name in names]
-    layout = plan_layout(prepared, layers)
-    weights = {t.name: onnx.numpy_helper.to_array(t) for t in prepared.graph.initializer}
-    bits = [layer_bits(config, layers, index) for index in range(len(layers))]
-    if config.size_budget is not None:
-        with phase("sensitivity"):
-            sensitivity = _sensitivities(prepared, layers, batches, weights, config,
-                                         _reporter(progress, "sensitivity", prepared, layers))
-            bits, reasons = _budget_bits(model, prepared, layout, layers, weights, sensitivity, config)
+    # the streams' tensors within a quarter of the budget; the rest of it for onnxruntime's runs,
+    # the model and the statistics
+    with closing(BatchStore(memory_limit(config.max_memory) // 4, config.work_dir)) as store:
+        with phase("calibration"):
+            batches = [{name: store.put(value) for name, value in batch.items()} for batch in batch_feeds(
+                as_feeds(calibration), input_shapes(prepared), batch_size=config.batch_size, count=config.calib_count)]
+            report.calibration_samples = sample_count(batches)
+        if config.equalization:
+            with phase("equalization"):
+                prepared, report.equalized = equalize(prepared, {layer.name for layer in layers}, [
+                    {name: store.get(item) for name, item in batch.items()} for batch in batches])
+                names = {layer.name for layer in layers}
+                layers = [layer for layer in find_layers(prepared)[0] if layer.name in names]
+        layout = plan_layout(prepared, layers)
+        weights = {t.name: onnx.numpy_helper.to_array(t) for t in prepared.graph.initializer}
+        bits = [layer_bits(config, layers, index) for index in range(len(layers))]
+        if config.size_budget is not None:
+            with phase("sensitivity"):
+                sensitivity = _sensitivities(prepared, layers, batches, store, weights, config,
+                                             _reporter(progress, "sensitivity", prepared, layers))
+                bits, reasons = _budget_bits(model, prepared, layout, layers, weights, sensitivity, config)
 
-    def choose(decision: TensorQuant, values: list[np.ndarray]) -> ActivationQuant:
-        with phase("activation_scales"):
-            quantizer, report.activations[decision.name] = choose_quantizer(decision, values, config)
-        return quantizer
+        def choose(decision: TensorQuant, values: list[np.ndarray]) -> ActivationQuant:
+            with phase("activation_scales"):
+                quantizer, report.activations[decision.name] = choose_quantizer(decision, values, config)
+            return quantizer
 
-    with phase("capture"):
-        streams = NetworkStreams(prepared, layers, batches, layout=layout, choose=choose,
-                                 compensate=config.error_compensation)
-    solved = _solve_layers(streams, weights, bits, config, report, phase, _reporter(progress, "layers", prepared, layers))
-    if config.size_budget is not None:
-        report.layers = [replace(layer, sensitivity=errors, reason=reason)
-                         for layer, errors, reason in zip(report.layers, sensitivity, reasons)]
-    with phase("write"):
-        quantized = write_qdq(prepared, layout, solved, streams.quantizers, weight_storage=config.weight_storage)
-        carry_metadata(model, quantized, keep_output_types=not config.input_shapes, stamp={
-            "method": "Bit-Split and Stitching (Wang et al., ICML 2020)",
-            "layer_bits": json.dumps({layer.name: layer.bits for layer in report.layers}),
-            "calibration_samples": str(report.calibration_samples),
-            "options": json.dumps(asdict(config), sort_keys=True)})
-        try:  # the promise is a model onnxruntime runs: keep it even for odd inputs
-            make_session(quantized)
-        except Exception as exc:
-            raise ModelError(f"the quantized model does not load in onnxruntime: {str(exc).strip()[:300]}") from None
+        with phase("capture"):
+            streams = NetworkStreams(prepared, layers, batches, store, layout=layout, choose=choose,
+                                     compensate=config.error_compensation)
+        solved = _solve_layers(streams, weights, bits, config, report, phase, _reporter(progress, "layers", prepared, layers))
+        if config.size_budget is not None:
+            report.layers = [replace(layer, sensitivity=errors, reason=reason)
+                             for layer, errors, reason in zip(report.layers, sensitivity, reasons)]
+        with phase("write"):
+            quantized = write_qdq(prepared, layout, solved, streams.quantizers, weight_storage=config.weight_storage)
+            carry_metadata(model, quantized, keep_output_types=not config.input_shapes, stamp={
+                "method": "Bit-Split and Stitching (Wang et al., ICML 2020)",
+                "layer_bits": json.dumps({layer.name: layer.bits for layer in report.layers}),
+                "calibration_samples": str(report.calibration_samples),
+                "options": json.dumps(asdict(config), sort_keys=True)})
+            try:  # the promise is a model onnxruntime runs: keep it even for odd inputs
+                make_session(quantized)
+            except Exception as exc:
+                raise ModelError(f"the quantized model does not load in onnxruntime: {str(exc).strip()[:300]}") from None
+        report.spilled_bytes = store.spilled_bytes
     report.float_bytes, report.quant_bytes = model.ByteSize(), quantized.ByteSize()
+    report.peak_rss_bytes = peak_rss()
     return quantized, report
 
 
@@ -135,6 +144,8 @@ def quantize_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
     """
     config = config or QuantConfig()
     input_path, output_path = Path(input_path), Path(output_path)
+    if config.work_dir is None:  # spilled tensors beside the output: the disk it is written to
+        config = replace(config, work_dir=str(output_path.parent))
     report_path = Path(report_path) if report_path is not None else None
     if not input_path.is_file():
         raise ModelError(f"input model '{input_path}' does not exist or is not a file")
@@ -170,7 +181,8 @@ def _solve_layers(streams: NetworkStreams, weights: dict, bits: list[int], confi
     for index, layer in enumerate(layers):
         start = time.perf_counter()
         with phase("statistics"):
-            solver = _accumulate(layer, streams, index, weights[layer.weight_name], config.compensation_blend)
+            solver = _accumulate(layer, streams, index, weights[layer.weight_name], config.compensation_blend,
+                                  config.sample_rows)
         with phase("solve"):
             solution = solver.solve(bits[index], iterations=config.iterations, damping=config.damping)
         input_scale = streams.quantizers[layer.input_name].scale
@@ -185,6 +197,16 @@ def _solve_layers(streams: NetworkStreams, weights: dict, bits: list[int], confi
             solution.rel_error, solution.rtn_rel_error, time.perf_counter() - start))
         progress(index)
     return solved
+
+
+def peak_rss() -> int:
+    """The process's peak resident memory in bytes (0 where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def choose_quantizer(decision: TensorQuant, batches: list[np.ndarray], config: QuantConfig) -> tuple[ActivationQuant, float]:
@@ -217,17 +239,17 @@ def choose_quantizer(decision: TensorQuant, batches: list[np.ndarray], config: Q
     return ActivationQuant(decision.name, scale, zero_point, config.abits), error
 
 
-def _sensitivities(model, layers: list[LayerSpec], batches, weights: dict, config: QuantConfig,
+def _sensitivities(model, layers: list[LayerSpec], batches, store: BatchStore, weights: dict, config: QuantConfig,
                    progress: Callable[[int], None]) -> list[dict]:
     """Each layer's relative output error at each bit width of BUDGET_BITS, solved on float
     inputs (one float pass, a few iterations per solve); none for layers whose bits layer_wbits fixes."""
-    streams = NetworkStreams(model, layers, batches, compensate=False)
+    streams = NetworkStreams(model, layers, batches, store, compensate=False)
     errors = []
     for index, layer in enumerate(layers):
         if override(config, layer) is not None:
             errors.append({})
         else:
-            solver = _accumulate(layer, streams, index, weights[layer.weight_name], blend=1.0)
+            solver = _accumulate(layer, streams, index, weights[layer.weight_name], 1.0, config.sample_rows)
             errors.append({bits: solver.solve(bits, iterations=SENSITIVITY_ITERATIONS, damping=config.damping).rel_error
                            for bits in BUDGET_BITS})
         params = {name: weights[name] for name in (layer.weight_name, layer.bias_name) if name}
@@ -276,44 +298,55 @@ def _budget_bits(model: onnx.ModelProto, prepared: onnx.ModelProto, layout: Layo
 
 
 def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.ndarray,
-                blend: float) -> BitSplitSolver:
-    """A solver holding the layer's statistics over all calibration batches; X~ is the quantized
-    stream's input, blended with the float one by `blend`."""
+                blend: float, sample_rows: int | None) -> BitSplitSolver:
+    """A solver holding the layer's statistics over (a seeded sample of) the patch rows of all
+    calibration batches; X~ is the quantized stream's input, blended with the float one by `blend`."""
     solver = BitSplitSolver(layer.weight_matrix(W))
     x_tilde, x = streams.layer_inputs(index)
     compensate = x_tilde is not x
-    for xt_rows, x_rows in _sample_chunks(x_tilde, x, _samples_per_chunk(x[0], layer)):
-        if compensate and blend < 1:
-            xt_rows = blend * xt_rows + (1 - blend) * x_rows
-        solver.add_batch(layer.patches(xt_rows), layer.patches(x_rows) if compensate else None)
+    groups, _, width = solver.W.shape
+    # each row of a grouped Conv holds all its groups: the same patch values as sample_rows // groups
+    # rows of one group (depthwise Grams are small, and their rows cheap to estimate them from)
+    limit = None if sample_rows is None else max(sample_rows // groups, ROWS_PER_WIDTH * width)
+    chunk = max(1, PATCH_ELEMENTS // (groups * width))
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    for batch, rows in enumerate(sampled_rows([layer.patch_count(shape) for shape in x.shapes], limit,
+                                              seed=index)):
+        xt_batch, x_batch = x_tilde[batch], x[batch]
+        for start in range(0, len(rows), chunk):
+            piece = rows[start:start + chunk]
+            xt_rows = layer.patches(xt_batch, piece)
+            x_rows = layer.patches(x_batch, piece) if compensate else xt_rows
+            if compensate and blend < 1:  # patches are linear in the input: blend after gathering
+                xt_rows = blend * xt_rows + (1 - blend) * x_rows
+            pending.append((xt_rows, x_rows))
+            if sum(p[0].shape[1] for p in pending) >= chunk:
+                _add_rows(solver, pending, compensate)
+    _add_rows(solver, pending, compensate)
     return solver
 
 
-def _sample_chunks(x_tilde: list[np.ndarray], x: list[np.ndarray], limit: int):
-    """(X~, X) blocks of at most `limit` consecutive samples, batches of one shape joined (a model
-    with a fixed batch of 1 still gets large BLAS products)."""
-    pending: list[tuple[np.ndarray, np.ndarray]] = []
-    for xt_batch, x_batch in zip(x_tilde, x):
-        if pending and xt_batch.shape[1:] != pending[0][0].shape[1:]:
-            yield _joined(pending)
-            pending = []
-        for start in range(0, len(xt_batch), limit):
-            xt_piece = xt_batch[start:start + limit]
-            piece = (xt_piece, xt_piece if x_batch is xt_batch else x_batch[start:start + limit])
-            if pending and sum(len(p[0]) for p in pending) + len(piece[0]) > limit:
-                yield _joined(pending)
-                pending = []
-            pending.append(piece)
-    if pending:
-        yield _joined(pending)
+def sampled_rows(counts: list[int], limit: int | None, seed: int) -> list[np.ndarray]:
+    """Per batch, the patch rows to use: all of them when the batches hold at most `limit` rows in
+    all, else `limit` rows drawn uniformly without replacement over all batches (seeded)."""
+    total = sum(counts)
+    if limit is None or total <= limit:
+        return [np.arange(count) for count in counts]
+    chosen = np.sort(np.random.default_rng(seed).choice(total, limit, replace=False))
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    bounds = np.searchsorted(chosen, offsets)
+    return [chosen[bounds[i]:bounds[i + 1]] - offsets[i] for i in range(len(counts))]
 
 
-def _joined(pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    if len(pieces) == 1:
-        return pieces[0]
-    x_tilde = np.concatenate([p[0] for p in pieces])
-    same = all(p[0] is p[1] for p in pieces)  # no error compensation: one stream
-    return x_tilde, x_tilde if same else np.concatenate([p[1] for p in pieces])
+def _add_rows(solver: BitSplitSolver, pending: list[tuple[np.ndarray, np.ndarray]], compensate: bool) -> None:
+    """Fold the pending (X~, X) patch blocks into the solver as one product, and empty the list."""
+    if not pending:
+        return
+    def joined(blocks):  # along the rows of the contiguous (g, N, R) arrays the patches are views of
+        return np.concatenate([block.swapaxes(-1, -2) for block in blocks], axis=2).swapaxes(-1, -2)
+
+    solver.add_batch(joined([p[0] for p in pending]), joined([p[1] for p in pending]) if compensate else None)
+    pending.clear()
 
 
 def _layer_quant(layer: LayerSpec, solution: LayerSolution, weights: dict, bits: int, config: QuantConfig,
@@ -358,16 +391,6 @@ def fit_int32_bias(q: np.ndarray, alpha: np.ndarray, bias: np.ndarray, input_sca
     q[grow] = np.rint(q[grow] * (alpha[grow] / needed[grow])[:, None])
     alpha[grow] = needed[grow]
     return q.astype(np.int8), alpha.astype(np.float32)
-
-
-def _samples_per_chunk(sample_batch: np.ndarray, layer: LayerSpec) -> int:
-    """How many samples' patches fit in PATCH_ELEMENTS."""
-    per_sample = sample_batch[0].size
-    if layer.geometry:
-        kh, kw = layer.geometry.kernel
-        sh, sw = layer.geometry.strides
-        per_sample = per_sample * kh * kw // (sh * sw) + 1
-    return max(1, PATCH_ELEMENTS // per_sample)
 
 
 class _Clock:

@@ -4,30 +4,50 @@ The prepared graph is cut before each quantized layer. Segment k holds the nodes
 to (not including) layer k+1; its inputs are the cached tensors at the cut (the frontier), its
 outputs the tensors that later nodes read. Each segment runs as its own onnxruntime session with
 the layer's weight and bias as inputs: the float stream with the float weights, the quantized
-stream with the solved ones and a QuantizeLinear/DequantizeLinear pair on every tensor the layout
+stream with the solved ones (baked in as constants, so onnxruntime prepacks them as in a whole
+model) and a QuantizeLinear/DequantizeLinear pair on every tensor the layout
 quantizes (layout.py), so the quantized stream computes what the written model computes. No pass
-ever restarts from the input, and the cache holds only the frontier.
+ever restarts from the input, and the cache holds only the frontier, in a BatchStore (in memory
+up to a budget, the rest on disk).
 
-A tensor's quantizer is chosen when the float stream first produces it, from its float values,
-before the quantized stream runs the nodes that read it.
+A tensor's quantizer is chosen when the float stream first produces it, from a sample of its float
+values (act_scale.sample_values, taken batch by batch), before the quantized stream runs the nodes
+that read it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .act_scale import fake_quant
+from .act_scale import MAX_SAMPLES, fake_quant, sample_values
 from .graph import LayerSpec
 from .layout import ActivationQuant, Layout, TensorQuant
 from .providers import make_session
+from .store import BatchStore, Stored
 
-Batches = list[np.ndarray]
-Chooser = Callable[[TensorQuant, Batches], ActivationQuant]
+Chooser = Callable[[TensorQuant, list[np.ndarray]], ActivationQuant]
+
+
+class Batches(Sequence):
+    """One tensor's calibration batches, read from the store on access."""
+
+    def __init__(self, store: BatchStore, items: list[Stored]):
+        self.store, self.items = store, items
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.store.get(self.items[index])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [item.shape for item in self.items]
 
 
 @dataclass(frozen=True)
@@ -46,15 +66,17 @@ class NetworkStreams:
     Args:
         model: a prepared model (graph.prepare), topologically sorted.
         layers: its quantized layers, in graph order.
-        batches: calibration feeds, one dict per batch.
+        batches: calibration feeds, one dict per batch, their arrays already in `store`.
+        store: where the streams' tensors are kept.
         layout: the tensors to quantize; None runs the float network only (no quantizers).
         choose: picks a tensor's quantizer from its float values (required with a layout).
         compensate: keep a separate quantized stream (error compensation); without it the
             quantized stream is the float stream and quantizers are only chosen.
     """
 
-    def __init__(self, model: onnx.ModelProto, layers: list[LayerSpec], batches: list[dict[str, np.ndarray]],
-                 *, layout: Layout | None = None, choose: Chooser | None = None, compensate: bool):
+    def __init__(self, model: onnx.ModelProto, layers: list[LayerSpec], batches: list[dict[str, Stored]],
+                 store: BatchStore, *, layout: Layout | None = None, choose: Chooser | None = None,
+                 compensate: bool):
         self.model = model
         self.layers = layers
         self.layout = layout or Layout()
@@ -68,17 +90,21 @@ class NetworkStreams:
         self.initializers = {t.name: t for t in model.graph.initializer}
         self.batch_count = len(batches)
         self.quantizers: dict[str, ActivationQuant] = {}
-        self.float_cache: dict[str, Batches] = {
+        self.store = store
+        self.float_cache: dict[str, list[Stored]] = {
             name: [batch[name] for batch in batches] for name in batches[0]}
+        self.borrowed = {id(items) for items in self.float_cache.values()}  # the caller's: never dropped
         self.quant_cache = dict(self.float_cache) if self.compensate else self.float_cache
         self._quantize_constants()
         self._quantize_graph_inputs()
         self._run_segment(0, self.starts[0], {}, {})
 
     def layer_inputs(self, index: int) -> tuple[Batches, Batches]:
-        """(x_tilde, x): the input batches of layer `index` in the quantized and float streams."""
+        """(x_tilde, x): the input batches of layer `index` in the quantized and float streams
+        (the same object without error compensation)."""
         name = self.layers[index].input_name
-        return self.quant_cache[name], self.float_cache[name]
+        x = Batches(self.store, self.float_cache[name])
+        return (Batches(self.store, self.quant_cache[name]) if self.compensate else x), x
 
     def advance(self, index: int, *, float_params: dict[str, np.ndarray],
                 quant_params: dict[str, np.ndarray]) -> None:
@@ -102,46 +128,59 @@ class NetworkStreams:
 
     def _quantize_graph_inputs(self) -> None:
         for decision in self.layout.produced_in(-1, 0):
-            quantizer = self.quantizers[decision.name] = self.choose(decision, self.float_cache[decision.name])
+            batches = Batches(self.store, self.float_cache[decision.name])
+            quantizer = self.quantizers[decision.name] = self.choose(decision, list(batches))
             if self.compensate:
-                self.quant_cache[decision.name] = [_fake_quant(b, quantizer) for b in self.quant_cache[decision.name]]
+                self.quant_cache[decision.name] = [self.store.put(_fake_quant(b, quantizer)) for b in batches]
 
     def _run_segment(self, start: int, stop: int, float_params: dict, quant_params: dict | None) -> None:
         """Nodes [start, stop) on the float stream, the quantizers of the tensors they produce
         chosen on its values, then (unless quant_params is None) the same nodes with those
         quantizers on the quantized stream."""
         produced = self.layout.produced_in(start, stop)
-        segment = self._segment(start, stop, list(float_params),
+        segment = self._segment(start, stop, float_params,
                                 extra_outputs={d.name for d in produced if d.shares is None})
-        values = self._run(segment, self.float_cache, float_params)
+        samples = self._run(segment, self.float_cache)
         for decision in produced:
             self.quantizers[decision.name] = (
-                self.choose(decision, values[decision.name]) if decision.shares is None
+                self.choose(decision, samples[decision.name]) if decision.shares is None
                 else replace(self.quantizers[decision.shares], tensor_name=decision.name))
-        del values
         if self.compensate and quant_params is not None:
-            segment = self._segment(start, stop, list(quant_params),
+            segment = self._segment(start, stop, quant_params,
                                     quantizers=[self.quantizers[d.name] for d in produced])
-            self._run(segment, self.quant_cache, quant_params)
+            self._run(segment, self.quant_cache)
         for cache in (self.float_cache, self.quant_cache) if self.compensate else (self.float_cache,):
             for name in [n for n in cache if self.last_use.get(n, -1) < stop]:
+                if id(cache[name]) not in self.borrowed:
+                    for item in cache[name]:
+                        self.store.drop(item)
                 del cache[name]
 
-    def _run(self, segment: Segment, cache: dict[str, Batches], params: dict[str, np.ndarray]) -> dict[str, Batches]:
-        """Run the segment on every batch; keep what later nodes read in `cache`, return all outputs."""
+    def _run(self, segment: Segment, cache: dict[str, list[Stored]]) -> dict[str, list[np.ndarray]]:
+        """Run the segment on every batch; keep what later nodes read in `cache` (in the store).
+
+        Returns:
+            per output, a sample of its values from every batch (sample_values).
+        """
         if not segment.outputs:
             return {}
         session = make_session(segment.model)
-        results = [session.run(segment.outputs, {**{name: cache[name][i] for name in segment.inputs}, **params})
-                   for i in range(self.batch_count)]
-        outputs = {name: [result[position] for result in results] for position, name in enumerate(segment.outputs)}
-        cache.update({name: outputs[name] for name in segment.kept})
-        return outputs
+        per_batch = max(1, MAX_SAMPLES // self.batch_count)
+        samples = {name: [] for name in segment.outputs}
+        kept = {name: [] for name in segment.kept}
+        for i in range(self.batch_count):
+            results = session.run(segment.outputs, {name: self.store.get(cache[name][i]) for name in segment.inputs})
+            for name, result in zip(segment.outputs, results):
+                samples[name].append(sample_values([result], per_batch))
+                if name in kept:
+                    kept[name].append(self.store.put(result))
+        cache.update(kept)
+        return samples
 
-    def _segment(self, start: int, stop: int, params: list[str], *, extra_outputs: set[str] = frozenset(),
-                 quantizers: list[ActivationQuant] | None = None) -> Segment:
-        """Nodes [start, stop) as a model reading the frontier and `params`, writing what is read
-        later and `extra_outputs`. With `quantizers` (the quantized stream) each of their tensors
+    def _segment(self, start: int, stop: int, params: dict[str, np.ndarray], *,
+                 extra_outputs: set[str] = frozenset(), quantizers: list[ActivationQuant] | None = None) -> Segment:
+        """Nodes [start, stop) as a model reading the frontier, with `params` (initializer name ->
+        value) for the layer's weight and bias, writing what is read later and `extra_outputs`. With `quantizers` (the quantized stream) each of their tensors
         goes through QuantizeLinear and DequantizeLinear before anything reads it, and quantized
         constants replace the float ones."""
         nodes = self.nodes[start:stop]
@@ -150,16 +189,15 @@ class NetworkStreams:
         inputs = [n for n in read if n not in produced and n not in self.initializers]
         kept = [n for n in dict.fromkeys(o for node in nodes for o in node.output) if self.last_use.get(n, -1) >= stop]
         outputs = kept + sorted(extra_outputs - set(kept))
-        param_inputs = [helper.make_tensor_value_info(name, self.initializers[name].data_type,
-                                                      list(self.initializers[name].dims)) for name in params]
         constants = [self.initializers[n] for n in read if n in self.initializers and n not in params]
+        constants += [numpy_helper.from_array(value, name) for name, value in params.items()]
         if quantizers is not None:
             nodes = _with_quantizers(nodes, quantizers)
             constants = [self.quantized_constants.get(c.name, c) for c in constants]
             constants += [t for q in quantizers for t in _quantizer_constants(q)]
         graph = helper.make_graph(
             nodes, f"segment_{start}",
-            [self._value_info(name) for name in inputs] + param_inputs,
+            [self._value_info(name) for name in inputs],
             [self._value_info(name, typed=False) for name in outputs], constants)
         model = helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
         return Segment(model, inputs, outputs, kept)
@@ -173,7 +211,8 @@ class NetworkStreams:
         if typed:
             cached = self.float_cache.get(name)
             if cached:
-                return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(cached[0].dtype), None)
+                dtype = self.store.get(cached[0]).dtype
+                return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), None)
             graph_input = next((i for i in self.model.graph.input if i.name == name), None)
             if graph_input is not None:
                 return graph_input

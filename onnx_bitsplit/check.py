@@ -123,7 +123,7 @@ def compare(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, feeds, *
     float_shapes, shapes = input_shapes(float_model), input_shapes(quant_model)  # the quantized one may be static
     if float_shapes.keys() != shapes.keys():
         raise ModelError("the two models have different inputs")
-    batches = batch_feeds(as_feeds(feeds), shapes, batch_size=batch_size, count=count or 2**62)
+    batches = list(batch_feeds(as_feeds(feeds), shapes, batch_size=batch_size, count=count or 2**62))
     float_run, float_ms = _run(_load(float_model, "cpu"), batches)
     runner = _load(quant_model, provider)
     quant_run, quant_ms = _run(runner, batches)

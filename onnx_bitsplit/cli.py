@@ -108,8 +108,10 @@ def data_options(command):
         click.option("--crop-ratio", type=float, default=CROP_FRACTION, show_default=True,
                      help="Resize the short side to size/RATIO, then center-crop (1 crops only the long side)."),
         click.option("--max-memory", metavar="SIZE", callback=lambda ctx, param, value: _bytes(value),
-                     help="Refuse, before allocating it, any single input (a model's weights, a calibration "
-                          "array, a constant it folds) larger than this, e.g. 4G.  [default: half the machine's memory]"),
+                     help="Memory budget, e.g. 4G: a conversion keeps the tensors it caches within a quarter "
+                          "of it (the rest goes to --work-dir), and any single input (a model's weights, a "
+                          "calibration array, a constant it folds) larger than it is refused before it is "
+                          "allocated.  [default: 4G, or half the machine's memory if less]"),
     ]
     for option in reversed(options):
         command = option(command)
@@ -160,8 +162,11 @@ def data_options(command):
               help="Most alternations of scales and bit-plane sweeps per layer.")
 @click.option("--damping", default=0.3, show_default=True, type=float,
               help="Ridge toward the float weights, as a fraction of the Gram matrix's mean diagonal.")
-@click.option("--batch-size", default=16, show_default=True, type=int,
-              help="Calibration samples run at once.")
+@click.option("--batch-size", type=int,
+              help="Calibration samples run at once.  [default: about 4 MiB of input]")
+@click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="Where tensors past the memory budget go (a temporary folder, removed on exit).  "
+                   "[default: the output's folder]")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
               help="Write the versioned JSON report (README) to this file, or '-' for standard output.")
 @click.option("--external-data", is_flag=True,
@@ -172,8 +177,8 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
                      wbits: int, abits: int, weight_storage: str, first_last_wbits: str, depthwise_wbits: str,
                      layer_bits: tuple[str, ...], exclude: tuple[str, ...], size_budget: float | None, error_compensation: bool, compensation_blend: float,
                      bias_correction: bool, equalization: bool,
-                     iterations: int, damping: float, batch_size: int, report_path: Path | None,
-                     external_data: bool, quiet: bool, verbose: bool, **data_options):
+                     iterations: int, damping: float, batch_size: int | None, work_dir: Path | None,
+                     report_path: Path | None, external_data: bool, quiet: bool, verbose: bool, **data_options):
     """Quantize a float ONNX model to a low-bit QDQ model with Bit-Split and Stitching."""
     with _one_line_errors(verbose):
         config = QuantConfig(
@@ -184,7 +189,8 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
             compensation_blend=compensation_blend,
             bias_correction=bias_correction, equalization=equalization,
             iterations=iterations, damping=damping,
-            batch_size=batch_size, calib_count=calib_count, max_memory=data_options["max_memory"])
+            batch_size=batch_size, calib_count=calib_count, max_memory=data_options["max_memory"],
+            work_dir=None if work_dir is None else str(work_dir))
         if input_shapes:
             config = replace(config, input_shapes=_input_shapes(input_path, input_shapes))
         to_stdout = report_path == Path("-")

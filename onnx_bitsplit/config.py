@@ -11,6 +11,7 @@ MIN_BITS = 2
 MAX_BITS = 8
 ACTIVATION_BITS = (8, 16)  # the integer types of QuantizeLinear at opset 21
 WEIGHT_STORAGE = ("int4", "int8")
+DEFAULT_MEMORY = 4 << 30  # the default budget: peak memory stays near it on a laptop or a CI runner
 
 
 def _check_bits(what: str, bits: int) -> None:
@@ -53,14 +54,25 @@ class QuantConfig:
         damping: ridge on the Gram matrices, as a fraction of their mean diagonal; it pulls the
             solution toward the float weights where the calibration data says little; it keeps
             error compensation from fitting the calibration set (README, ablation). Defaults to 0.3.
-        batch_size: calibration samples run through onnxruntime at once. Defaults to 16.
+        sample_rows: patch rows (output positions over all calibration samples) each layer's
+            statistics are estimated from: a seeded uniform sample of this many (divided by the
+            groups of a grouped Conv), or of 64 per weight column if that is more; None uses
+            every row. Bounds the statistics' cost at any image size and calibration count
+            (README, ablation). Defaults to 65536.
+        batch_size: calibration samples run through onnxruntime at once; None: as many as make
+            about 4 MiB of input (calibration.RUN_INPUT_BYTES). Defaults to None.
         calib_count: use at most this many calibration samples. Defaults to 256.
         input_shapes: static shapes for the model's inputs by name, e.g. {"input": (1, 3, 224, 224)};
             the output has them and calibration runs at them (NPUs need static shapes).
             Defaults to none: dynamic dimensions stay dynamic.
-        max_memory: bytes that one step may allocate for data it reads or folds (a calibration
-            array, an image, a constant the graph computes); more is refused with an error
-            before it is allocated. None: half of the machine's memory. Defaults to None.
+        max_memory: the memory budget in bytes. The cached tensors of the two streams stay
+            within a quarter of it (the rest goes to files in work_dir), and any single thing
+            read or folded (a calibration array, an image, a constant the graph computes) larger
+            than it is refused with an error before it is allocated. None: 4 GiB, or half of
+            the machine's memory if that is less. Defaults to None.
+        work_dir: the folder for the tensors past the budget (a temporary folder inside it,
+            removed on every exit). None: the system's temporary folder; the command uses the
+            output's folder. Defaults to None.
         weight_storage: "int4" stores weights of 2 to 4 bits as INT4 (the smallest file, for
             NPUs and disk), "int8" stores the same values as INT8, which CPU runtimes run with
             integer kernels. Wider weights are INT8 either way. Defaults to "int4".
@@ -79,11 +91,13 @@ class QuantConfig:
     equalization: bool = False
     iterations: int = 10
     damping: float = 0.3
-    batch_size: int = 16
+    sample_rows: int | None = 65536
+    batch_size: int | None = None
     calib_count: int = 256
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     weight_storage: str = "int4"
     max_memory: int | None = None
+    work_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check_bits("wbits", self.wbits)
@@ -110,17 +124,21 @@ class QuantConfig:
             raise BitsplitError(f"compensation_blend must be in [0, 1], got {self.compensation_blend}")
         if not 0.0 <= self.damping <= 100.0:
             raise BitsplitError(f"damping must be in [0, 100], got {self.damping}")
-        if self.batch_size < 1:
+        if self.sample_rows is not None and self.sample_rows < 1:
+            raise BitsplitError(f"sample_rows must be at least 1, got {self.sample_rows}")
+        if self.batch_size is not None and self.batch_size < 1:
             raise BitsplitError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.calib_count < 1:
             raise BitsplitError(f"calib_count must be at least 1, got {self.calib_count}")
 
 
 def memory_limit(max_memory: int | None) -> int:
-    """The byte limit of one allocation: max_memory, or half of the machine's physical memory."""
+    """The memory budget: max_memory, or DEFAULT_MEMORY, or half of the machine's physical memory
+    if that is less."""
     if max_memory is not None:
         return max_memory
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): a laptop's share
-        return 8 * 2**30
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
+        physical = 2 * DEFAULT_MEMORY
+    return min(DEFAULT_MEMORY, physical // 2)

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnx import version_converter
 
 from .errors import ModelError, first_line
-from .patches import ConvGeometry, conv_patches, dense_patches
+from .patches import ConvGeometry, conv_patches, conv_positions, dense_patches
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,23 @@ class LayerSpec:
             return matrix.reshape(self.weight_shape)
         return matrix[0].T if self.axis == 1 else matrix[0]
 
-    def patches(self, x: np.ndarray) -> np.ndarray:
-        """Layer input -> (g, P, N) patches, so that outputs are patches @ Wᵀ per group."""
+    def patches(self, x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Layer input -> (g, R, N) patches, so that outputs are patches @ Wᵀ per group: the
+        output rows `rows` (flat indices, below patch_count(x.shape)), or all of them."""
         if self.geometry:
-            return conv_patches(x if x.ndim == 4 else x[:, :, None, :], self.geometry)
-        return dense_patches(x.swapaxes(-1, -2) if self.weight_index == 0 else x)
+            return conv_patches(self._as_2d(x), self.geometry, rows)
+        return dense_patches(x.swapaxes(-1, -2) if self.weight_index == 0 else x, rows)
+
+    def patch_count(self, shape: tuple[int, ...]) -> int:
+        """Patch rows (output positions) of an input of `shape`."""
+        if self.geometry:
+            return conv_positions(shape if len(shape) == 4 else (*shape[:2], 1, shape[2]), self.geometry)
+        return int(np.prod(shape)) // shape[-2 if self.weight_index == 0 else -1]
+
+    @staticmethod
+    def _as_2d(x: np.ndarray) -> np.ndarray:
+        """A Conv1d input as a Conv2d input of height 1."""
+        return x if x.ndim == 4 else x[:, :, None, :]
 
 
 def prepare(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None, *,

@@ -2,7 +2,8 @@
 
 Patches have shape (g, P, N): a row holds exactly the inputs one output value is computed from, in
 the order of the flattened weight row, so that the layer output is patches @ Wᵀ per group; the
-rows of all samples of a batch are stacked.
+rows of all samples of a batch are stacked. Statistics use a sample of the rows, so patches are
+gathered for given rows rather than built for all of them.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ class ConvGeometry:
     auto_pad: str = "NOTSET"
     groups: int = 1
 
-    def is_pointwise(self, height: int, width: int) -> bool:
-        """A 1x1, stride-1, unpadded Conv: each output position reads one input position."""
-        return (self.kernel == (1, 1) and self.strides == (1, 1)
-                and self.resolved_pads(height, width) == (0, 0, 0, 0))
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        top, left, bottom, right = self.resolved_pads(height, width)
+        return tuple((size + pad - (k - 1) * d - 1) // s + 1 for size, pad, k, d, s in zip(
+            (height, width), (top + bottom, left + right), self.kernel, self.dilations, self.strides))
 
     def resolved_pads(self, height: int, width: int) -> tuple[int, int, int, int]:
         if self.auto_pad in ("NOTSET", "VALID"):
@@ -49,32 +50,44 @@ class ConvGeometry:
         return begins[0], begins[1], ends[0], ends[1]
 
 
-def conv_patches(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
-    """NCHW input (B, C, H, W) -> patches (g, B*Ho*Wo, C/g*kh*kw) for a 2-D Conv, rows sample-major.
+def conv_patches(x: np.ndarray, geometry: ConvGeometry, rows: np.ndarray | None = None) -> np.ndarray:
+    """NCHW input (B, C, H, W) -> patches (g, R, C/g*kh*kw) of a 2-D Conv, for the output
+    positions `rows` (sorted flat indices into (B, Ho, Wo), see conv_positions), or all of them.
 
-    The result is a transposed view of a contiguous (g, N, B*Ho*Wo) array, so that a Gram matrix
-    is one BLAS product per group over all samples at once (per-sample products are 2-3x slower
-    for the short rows of late layers). It is built one kernel tap at a time with plain strided
-    copies from a channel-major padded copy of x.
+    The result is a transposed view of a contiguous (g, N, R) array, so that a Gram matrix is one
+    BLAS product per group. It is gathered one kernel tap at a time, for all rows at once, from a
+    channel-major padded copy of the samples the rows fall in: a sample of rows costs R·N values
+    plus that copy, whatever the image size.
     """
     batch, channels, height, width = x.shape
-    g = geometry.groups
     top, left, bottom, right = geometry.resolved_pads(height, width)
-    padded = np.zeros((channels, batch, height + top + bottom, width + left + right), x.dtype)
+    out_h, out_w = geometry.output_size(height, width)
+    rows = np.arange(batch * out_h * out_w) if rows is None else np.asarray(rows)
+    b, position = np.divmod(rows, out_h * out_w)
+    first = b[0] if len(rows) else 0
+    x, b = x[first:b[-1] + 1 if len(rows) else 0], b - first
+    padded_h, padded_w = height + top + bottom, width + left + right
+    padded = np.zeros((channels, len(x), padded_h, padded_w), x.dtype)
     padded[:, :, top:top + height, left:left + width] = x.transpose(1, 0, 2, 3)
-    if geometry.is_pointwise(height, width):
-        return padded.reshape(g, channels // g, -1).swapaxes(-1, -2)
+    padded = padded.reshape(channels, -1)
+    oy, ox = np.divmod(position, out_w)
     (kh, kw), (sh, sw), (dh, dw) = geometry.kernel, geometry.strides, geometry.dilations
-    out_h = (padded.shape[2] - (kh - 1) * dh - 1) // sh + 1
-    out_w = (padded.shape[3] - (kw - 1) * dw - 1) // sw + 1
-    columns = np.empty((channels, kh, kw, batch, out_h, out_w), x.dtype)
+    columns = np.empty((channels, kh * kw, len(rows)), x.dtype)
     for i in range(kh):
         for j in range(kw):
-            columns[:, i, j] = padded[:, :, i * dh: i * dh + sh * (out_h - 1) + 1: sh,
-                                      j * dw: j * dw + sw * (out_w - 1) + 1: sw]
-    return columns.reshape(g, channels // g * kh * kw, -1).swapaxes(-1, -2)
+            columns[:, i * kw + j] = np.take(padded, (b * padded_h + oy * sh + i * dh) * padded_w + ox * sw + j * dw,
+                                             axis=1)
+    return columns.reshape(geometry.groups, -1, len(rows)).swapaxes(-1, -2)
 
 
-def dense_patches(x: np.ndarray) -> np.ndarray:
-    """Gemm/MatMul input (..., K) -> patches (1, P, K): every leading index is one output row."""
-    return x.reshape(1, -1, x.shape[-1])
+def conv_positions(shape: tuple[int, ...], geometry: ConvGeometry) -> int:
+    """Output positions (patch rows) of a Conv on an input of `shape` (B, C, H, W)."""
+    out_h, out_w = geometry.output_size(*shape[2:])
+    return shape[0] * out_h * out_w
+
+
+def dense_patches(x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Gemm/MatMul input (..., K) -> patches (1, R, K): every leading index is one output row;
+    `rows` selects some of them (flat indices), or all."""
+    flat = x.reshape(-1, x.shape[-1])
+    return (flat if rows is None else flat[rows])[None]

@@ -2,7 +2,7 @@
 
 The JSON (`--report`) is versioned: {"schema": 1, "tool": {"name", "version"}, "files": {...},
 "options": {...QuantConfig}, "calibration_samples", "activation_bits", "sizes": {"float_bytes",
-"quant_bytes"}, "phase_seconds": {name: s}, "layers": [{name, op, bits, outputs, inputs,
+"quant_bytes"}, "memory": {"peak_rss_bytes", "spilled_bytes"}, "phase_seconds": {name: s}, "layers": [{name, op, bits, outputs, inputs,
 groups, rel_error, rtn_rel_error, seconds, sensitivity, reason}], "skipped": [{name, reason}],
 "activations": [{tensor, rel_error}], "equalized": [{producer, consumer, spread, note}]}.
 Non-finite numbers are written as null, so strict parsers read it.
@@ -61,6 +61,8 @@ class Report:
         activation_bits: the activations' integer width.
         phase_seconds: wall time per phase.
         float_bytes, quant_bytes: model sizes (with external data where there is some).
+        peak_rss_bytes: the process's peak resident memory at the end of the conversion.
+        spilled_bytes: stream tensors written to the work folder (past the memory budget).
         options: the options of the conversion (QuantConfig as a dict).
         files: the files a file-to-file conversion read and wrote (quantize_file), by role.
     """
@@ -74,6 +76,8 @@ class Report:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     float_bytes: int = 0
     quant_bytes: int = 0
+    peak_rss_bytes: int = 0
+    spilled_bytes: int = 0
     options: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
@@ -90,6 +94,8 @@ class Report:
             self._time_line(),
             f"size {_mib(self.float_bytes)} -> {_mib(self.quant_bytes)} "
             f"({100 * self.quant_bytes / max(self.float_bytes, 1):.1f}%)",
+            f"peak memory {self.peak_rss_bytes / 2**30:.2f} GiB"
+            + (f", {self.spilled_bytes / 2**30:.2f} GiB of tensors spilled to disk" if self.spilled_bytes else ""),
         ]
         if self.equalized:
             clips = sum(bool(pair.note) for pair in self.equalized)
@@ -129,6 +135,7 @@ class Report:
             "calibration_samples": self.calibration_samples,
             "activation_bits": self.activation_bits,
             "sizes": {"float_bytes": self.float_bytes, "quant_bytes": self.quant_bytes},
+            "memory": {"peak_rss_bytes": self.peak_rss_bytes, "spilled_bytes": self.spilled_bytes},
             "phase_seconds": self.phase_seconds,
             "layers": [_layer_json(layer) for layer in self.layers],
             "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped],

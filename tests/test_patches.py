@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_bitsplit.patches import ConvGeometry, conv_patches, dense_patches
+from onnx_bitsplit.patches import ConvGeometry, conv_patches, conv_positions, dense_patches
 
 CASES = [  # channels, outputs, groups, kernel, stride, dilation, pads, auto_pad
     (4, 6, 1, 3, 1, 1, (1, 1, 1, 1), "NOTSET"),
@@ -56,7 +56,7 @@ def test_dense_patches_flatten_leading_axes():
     np.testing.assert_array_equal(patches[0, 4], [16, 17, 18, 19])
 
 
-def test_pointwise_conv_patches_reproduce_conv_with_each_group_contiguous():
+def test_pointwise_grouped_conv_patches_reproduce_conv():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 6, 5, 7)).astype(np.float32)
     weight = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
@@ -64,3 +64,15 @@ def test_pointwise_conv_patches_reproduce_conv_with_each_group_contiguous():
     patches = conv_patches(x, ConvGeometry((1, 1), groups=2))
     assert patches.shape == (2, 70, 3) and patches.swapaxes(-1, -2).flags.c_contiguous  # BLAS-ready
     np.testing.assert_allclose(conv_from_patches(patches, weight.reshape(2, 2, 3), expected.shape), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels,outputs,groups,k,stride,dilation,pads,auto_pad", CASES)
+def test_patches_of_chosen_rows_are_those_rows_of_all_patches(channels, outputs, groups, k, stride, dilation,
+                                                              pads, auto_pad):
+    x = np.random.default_rng(1).normal(size=(3, channels, 11, 9)).astype(np.float32)
+    geometry = ConvGeometry((k, k), (stride,) * 2, (dilation,) * 2, pads, auto_pad, groups)
+    every = conv_patches(x, geometry)
+    assert conv_positions(x.shape, geometry) == every.shape[1]
+    rows = np.array([0, 5, every.shape[1] // 2, every.shape[1] - 1])
+    np.testing.assert_array_equal(conv_patches(x, geometry, rows), every[:, rows])
+    np.testing.assert_array_equal(dense_patches(x, rows[:2]), dense_patches(x)[:, rows[:2]])

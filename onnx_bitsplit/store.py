@@ -1,0 +1,73 @@
+"""Batches of stream tensors within a memory budget (numpy only).
+
+The two streams cache every tensor at the frontier for the whole calibration set: at 640x640
+that is gigabytes. Batches are kept in memory while their total stays within the budget; the
+rest go to .npy files in a work folder and are mapped back when read (a sample of patch rows
+then reads only the pages it touches). The folder is made on the first spill and removed by
+close(), which quantize() calls on every exit, errors and signals included.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """A batch written to disk."""
+
+    path: Path
+    shape: tuple[int, ...]
+
+
+Stored = np.ndarray | Spilled
+
+
+class BatchStore:
+    """Keeps arrays in memory up to `budget` bytes in all, and the rest in files under `work_dir`
+    (None: the system's temporary folder)."""
+
+    def __init__(self, budget: int, work_dir: str | Path | None = None):
+        self.budget = budget
+        self.work_dir = work_dir
+        self.folder: Path | None = None
+        self.resident = 0
+        self.spilled_bytes = 0
+        self.files = 0
+
+    def put(self, array: np.ndarray) -> Stored:
+        """The array, kept in memory or written to a file."""
+        array = np.ascontiguousarray(array)
+        if self.resident + array.nbytes <= self.budget:
+            self.resident += array.nbytes
+            return array
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="onnx-bitsplit-", dir=self.work_dir))
+        self.files += 1
+        path = self.folder / f"{self.files}.npy"
+        np.save(path, array)
+        self.spilled_bytes += array.nbytes
+        return Spilled(path, array.shape)
+
+    @staticmethod
+    def get(item: Stored) -> np.ndarray:
+        return np.load(item.path, mmap_mode="r") if isinstance(item, Spilled) else item
+
+    def drop(self, item: Stored) -> None:
+        """Forget a batch: its memory counts no more, its file is deleted."""
+        if isinstance(item, Spilled):
+            item.path.unlink(missing_ok=True)
+        else:
+            self.resident -= item.nbytes
+
+    def close(self) -> None:
+        """Delete the work folder and everything in it."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+

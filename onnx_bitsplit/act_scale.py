@@ -27,10 +27,11 @@ def fake_quant(x: np.ndarray, scale: float, bits: int, signed: bool, zero_point:
     return ((q - zero_point) * scale).astype(np.float32)
 
 
-def sample_values(batches: list[np.ndarray], limit: int = MAX_SAMPLES) -> np.ndarray:
+def sample_values(batches: list[np.ndarray], limit: int = MAX_SAMPLES,
+                  rng: np.random.Generator | None = None) -> np.ndarray:
     """At most `limit` values drawn evenly from all batches (seeded), plus each batch's extremes."""
     per_batch = max(1, limit // len(batches))
-    rng = np.random.default_rng(0)
+    rng = rng or np.random.default_rng(0)
     parts = []
     for batch in batches:
         flat = batch.ravel()

@@ -73,12 +73,13 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
         report.skipped += excluded
         if not layers:
             raise BitsplitError("--exclude leaves no layer to quantize")
-    # the streams' tensors within a quarter of the budget; the rest of it for onnxruntime's runs,
+    # the streams' tensors within half of the budget; the other half for onnxruntime's runs,
     # the model and the statistics
-    with closing(BatchStore(memory_limit(config.max_memory) // 4, config.work_dir)) as store:
+    with closing(BatchStore(memory_limit(config.max_memory) // 2, config.work_dir)) as store:
         with phase("calibration"):
             batches = [{name: store.put(value) for name, value in batch.items()} for batch in batch_feeds(
-                as_feeds(calibration), input_shapes(prepared), batch_size=config.batch_size, count=config.calib_count)]
+                as_feeds(calibration), input_shapes(prepared), batch_size=config.batch_size, count=config.calib_count,
+                join_fixed=True)]
             report.calibration_samples = sample_count(batches)
         if config.equalization:
             with phase("equalization"):
@@ -243,7 +244,7 @@ def _sensitivities(model, layers: list[LayerSpec], batches, store: BatchStore, w
                    progress: Callable[[int], None]) -> list[dict]:
     """Each layer's relative output error at each bit width of BUDGET_BITS, solved on float
     inputs (one float pass, a few iterations per solve); none for layers whose bits layer_wbits fixes."""
-    streams = NetworkStreams(model, layers, batches, store, compensate=False)
+    streams = NetworkStreams(model, layers, batches, store, compensate=False, keep_inputs=True)
     errors = []
     for index, layer in enumerate(layers):
         if override(config, layer) is not None:

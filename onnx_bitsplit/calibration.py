@@ -222,26 +222,30 @@ def labels_from_names(paths: list[Path]) -> list[int] | None:
 
 
 def batch_feeds(feeds: Iterable[dict[str, np.ndarray]], shapes: dict[str, list], *,
-                batch_size: int | None, count: int) -> Iterator[dict[str, np.ndarray]]:
+                batch_size: int | None, count: int, join_fixed: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """At most `count` samples, checked against the model's inputs and regrouped into batches,
     one at a time (a calibration set never has to fit in memory): `batch_size` rows where the
     batch axis is dynamic (None: as many as make about RUN_INPUT_BYTES of input), else the
-    model's fixed batch.
+    model's fixed batch, or with `join_fixed` as many of those as make up about that size.
 
     Args:
         shapes: input name -> shape, None for a dynamic dimension (input_shapes()).
     """
     fixed = {shape[0] for shape in shapes.values() if shape and isinstance(shape[0], int)}
-    rows_per_batch = min(fixed) if fixed else batch_size
-    count = max(count - count % rows_per_batch, rows_per_batch) if fixed else count
+    fixed_batch = min(fixed) if fixed else None
+    count = max(count - count % fixed_batch, fixed_batch) if fixed_batch else count
+    rows_per_batch = fixed_batch if fixed_batch and not join_fixed else None
     pending, total, yielded = [], 0, 0
 
     def limited(batch):  # rows past `count` dropped
         return {name: value[:count - yielded] for name, value in batch.items()}
 
     for index, feed in enumerate(feeds):
-        feed = _checked_feed(feed, shapes, rows_per_batch if fixed else None, index)
-        rows_per_batch = rows_per_batch or max(1, min(MAX_BATCH, RUN_INPUT_BYTES // _sample_bytes(feed)))
+        feed = _checked_feed(feed, shapes, fixed_batch, index)
+        if rows_per_batch is None:
+            rows_per_batch = batch_size or max(1, min(MAX_BATCH, RUN_INPUT_BYTES // _sample_bytes(feed)))
+            if fixed_batch:
+                rows_per_batch = fixed_batch * max(1, rows_per_batch // fixed_batch)
         if pending and _sample_shapes(pending[0]) != _sample_shapes(feed):  # dynamic sizes: no stacking
             batch = limited(_concatenate(pending))
             yielded += _rows(batch)

@@ -8,7 +8,10 @@ stream with the solved ones (baked in as constants, so onnxruntime prepacks them
 model) and a QuantizeLinear/DequantizeLinear pair on every tensor the layout
 quantizes (layout.py), so the quantized stream computes what the written model computes. No pass
 ever restarts from the input, and the cache holds only the frontier, in a BatchStore (in memory
-up to a budget, the rest on disk).
+up to a budget, the rest on disk). The quantized stream keeps its quantized tensors as their
+8- or 16-bit integers (exactly what QuantizeLinear gives, a quarter or half of the bytes) and each
+segment dequantizes what it reads; the float stream keeps the tensors the layout quantizes as
+float16 (a rounding error 2^-11 of the value, far below the 8-bit quantizer's step).
 
 A tensor's quantizer is chosen when the float stream first produces it, from a sample of its float
 values (act_scale.sample_values, taken batch by batch), before the quantized stream runs the nodes
@@ -25,6 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .act_scale import MAX_SAMPLES, fake_quant, sample_values
+from .calibration import input_shapes
 from .graph import LayerSpec
 from .layout import ActivationQuant, Layout, TensorQuant
 from .providers import make_session
@@ -34,13 +38,18 @@ Chooser = Callable[[TensorQuant, list[np.ndarray]], ActivationQuant]
 
 
 class Batches(Sequence):
-    """One tensor's calibration batches, read from the store on access."""
+    """One tensor's calibration batches, read from the store on access; with a quantizer, the
+    batches are stored as its integers and read dequantized."""
 
-    def __init__(self, store: BatchStore, items: list[Stored]):
-        self.store, self.items = store, items
+    def __init__(self, store: BatchStore, items: list[Stored], quantizer: ActivationQuant | None = None):
+        self.store, self.items, self.quantizer = store, items, quantizer
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return self.store.get(self.items[index])
+        values = self.store.get(self.items[index])
+        if self.quantizer is None:
+            return _float32(values)
+        scale, zero_point = np.float32(self.quantizer.scale), np.float32(self.quantizer.zero_point)
+        return (values.astype(np.float32) - zero_point) * scale  # as DequantizeLinear
 
     def __len__(self) -> int:
         return len(self.items)
@@ -55,9 +64,11 @@ class Segment:
     """Nodes [start, stop) of the topologically sorted graph, as a runnable model."""
 
     model: onnx.ModelProto
+    start: int
     inputs: list[str]
     outputs: list[str]
     kept: list[str]  # the outputs that later nodes read
+    coded: dict[str, str]  # tensor -> the name of its integers, for inputs and outputs read and written quantized
 
 
 class NetworkStreams:
@@ -72,11 +83,13 @@ class NetworkStreams:
         choose: picks a tensor's quantizer from its float values (required with a layout).
         compensate: keep a separate quantized stream (error compensation); without it the
             quantized stream is the float stream and quantizers are only chosen.
+        keep_inputs: leave the calibration batches in the store (for a later pass over them);
+            otherwise they are dropped after their last use, like every other tensor.
     """
 
     def __init__(self, model: onnx.ModelProto, layers: list[LayerSpec], batches: list[dict[str, Stored]],
                  store: BatchStore, *, layout: Layout | None = None, choose: Chooser | None = None,
-                 compensate: bool):
+                 compensate: bool, keep_inputs: bool = False):
         self.model = model
         self.layers = layers
         self.layout = layout or Layout()
@@ -89,11 +102,15 @@ class NetworkStreams:
         self.value_infos = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output]}
         self.initializers = {t.name: t for t in model.graph.initializer}
         self.batch_count = len(batches)
+        self.samples_per_batch = max(1, MAX_SAMPLES // self.batch_count)  # for choosing quantizers
+        fixed = [shape[0] for shape in input_shapes(model).values() if shape and shape[0]]
+        self.fixed_batch = min(fixed) if fixed else None
+        self.joined: dict[int, bool] = {}  # segment start -> whether it runs batches of several fixed batches
         self.quantizers: dict[str, ActivationQuant] = {}
         self.store = store
         self.float_cache: dict[str, list[Stored]] = {
             name: [batch[name] for batch in batches] for name in batches[0]}
-        self.borrowed = {id(items) for items in self.float_cache.values()}  # the caller's: never dropped
+        self.borrowed = {id(items) for items in self.float_cache.values()} if keep_inputs else set()
         self.quant_cache = dict(self.float_cache) if self.compensate else self.float_cache
         self._quantize_constants()
         self._quantize_graph_inputs()
@@ -104,7 +121,9 @@ class NetworkStreams:
         (the same object without error compensation)."""
         name = self.layers[index].input_name
         x = Batches(self.store, self.float_cache[name])
-        return (Batches(self.store, self.quant_cache[name]) if self.compensate else x), x
+        if not self.compensate:
+            return x, x
+        return Batches(self.store, self.quant_cache[name], self.quantizers.get(name)), x
 
     def advance(self, index: int, *, float_params: dict[str, np.ndarray],
                 quant_params: dict[str, np.ndarray]) -> None:
@@ -129,18 +148,20 @@ class NetworkStreams:
     def _quantize_graph_inputs(self) -> None:
         for decision in self.layout.produced_in(-1, 0):
             batches = Batches(self.store, self.float_cache[decision.name])
-            quantizer = self.quantizers[decision.name] = self.choose(decision, list(batches))
+            rng = np.random.default_rng(0)
+            samples = [sample_values([batch], self.samples_per_batch, rng) for batch in batches]  # one batch at a time
+            quantizer = self.quantizers[decision.name] = self.choose(decision, samples)
             if self.compensate:
-                self.quant_cache[decision.name] = [self.store.put(_fake_quant(b, quantizer)) for b in batches]
+                self.quant_cache[decision.name] = [self.store.put(_integers(b, quantizer)) for b in batches]
 
     def _run_segment(self, start: int, stop: int, float_params: dict, quant_params: dict | None) -> None:
         """Nodes [start, stop) on the float stream, the quantizers of the tensors they produce
         chosen on its values, then (unless quant_params is None) the same nodes with those
         quantizers on the quantized stream."""
         produced = self.layout.produced_in(start, stop)
-        segment = self._segment(start, stop, float_params,
-                                extra_outputs={d.name for d in produced if d.shares is None})
-        samples = self._run(segment, self.float_cache)
+        chosen = {d.name for d in produced if d.shares is None}
+        segment = self._segment(start, stop, float_params, extra_outputs=chosen)
+        samples = self._run(segment, self.float_cache, chosen)
         for decision in produced:
             self.quantizers[decision.name] = (
                 self.choose(decision, samples[decision.name]) if decision.shares is None
@@ -149,40 +170,81 @@ class NetworkStreams:
             segment = self._segment(start, stop, quant_params,
                                     quantizers=[self.quantizers[d.name] for d in produced])
             self._run(segment, self.quant_cache)
+        finished = {}  # by identity: the streams share the lists of tensors they do not quantize
         for cache in (self.float_cache, self.quant_cache) if self.compensate else (self.float_cache,):
             for name in [n for n in cache if self.last_use.get(n, -1) < stop]:
-                if id(cache[name]) not in self.borrowed:
-                    for item in cache[name]:
-                        self.store.drop(item)
-                del cache[name]
+                items = cache.pop(name)
+                finished[id(items)] = items
+        for key, items in finished.items():
+            if key not in self.borrowed:
+                for item in items:
+                    self.store.drop(item)
 
-    def _run(self, segment: Segment, cache: dict[str, list[Stored]]) -> dict[str, list[np.ndarray]]:
+    def _run(self, segment: Segment, cache: dict[str, list[Stored]], sampled: set[str] = frozenset()
+             ) -> dict[str, list[np.ndarray]]:
         """Run the segment on every batch; keep what later nodes read in `cache` (in the store).
 
         Returns:
-            per output, a sample of its values from every batch (sample_values).
+            for each output in `sampled`, a sample of its values from every batch (sample_values).
         """
         if not segment.outputs:
             return {}
         session = make_session(segment.model)
-        per_batch = max(1, MAX_SAMPLES // self.batch_count)
-        samples = {name: [] for name in segment.outputs}
+        rng = np.random.default_rng(0)
+        samples = {name: [] for name in segment.outputs if name in sampled}
         kept = {name: [] for name in segment.kept}
+        feeds = [segment.coded.get(name, name) for name in segment.inputs]
+        fetches = [segment.coded.get(name, name) for name in segment.outputs]
         for i in range(self.batch_count):
-            results = session.run(segment.outputs, {name: self.store.get(cache[name][i]) for name in segment.inputs})
+            results = self._run_batch(session, fetches, {feed: _float32(self.store.get(cache[name][i]))
+                                                         for feed, name in zip(feeds, segment.inputs)}, segment.start)
             for name, result in zip(segment.outputs, results):
-                samples[name].append(sample_values([result], per_batch))
+                if name in samples:
+                    samples[name].append(sample_values([result], self.samples_per_batch, rng))
                 if name in kept:
-                    kept[name].append(self.store.put(result))
+                    compact = cache is self.float_cache and name in self.layout.tensors and result.dtype == np.float32
+                    kept[name].append(self.store.put(result.astype(np.float16) if compact else result))
         cache.update(kept)
         return samples
+
+    def _run_batch(self, session, fetches: list[str], feed: dict[str, np.ndarray], start: int) -> list[np.ndarray]:
+        """session.run on one batch. A model with a fixed batch gets batches of several of them
+        (batch_feeds(join_fixed=True)): the segments' inputs have no shapes, so most segments run
+        them at once, but one with the batch written into a constant (a Reshape to [1, -1])
+        must not. The first float run of each segment decides: the joined batch runs, and its
+        first fixed batch alone gives the same outputs; otherwise the segment runs one fixed
+        batch at a time."""
+        rows = len(next(iter(feed.values())))
+        if self.fixed_batch is None or rows <= self.fixed_batch:
+            return session.run(fetches, feed)
+        if start not in self.joined:
+            self.joined[start] = self._runs_joined(session, fetches, feed)
+        return session.run(fetches, feed) if self.joined[start] else self._one_by_one(session, fetches, feed)
+
+    def _runs_joined(self, session, fetches: list[str], feed: dict[str, np.ndarray]) -> bool:
+        try:
+            joined = session.run(fetches, feed)
+        except Exception:  # onnxruntime's shape errors: the batch is in a constant
+            return False
+        alone = session.run(fetches, {name: value[:self.fixed_batch] for name, value in feed.items()})
+        return all(j.shape[:1] == (len(next(iter(feed.values()))),) and np.allclose(
+            j[:self.fixed_batch], a, rtol=1e-3, atol=1e-3 * float(np.abs(a).max(initial=0))) for j, a in zip(joined, alone))
+
+    def _one_by_one(self, session, fetches: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The batch run one fixed batch at a time, the outputs joined."""
+        rows, step = len(next(iter(feed.values()))), self.fixed_batch
+        pieces = [session.run(fetches, {name: value[i:i + step] for name, value in feed.items()})
+                  for i in range(0, rows, step)]
+        return [np.concatenate(parts) for parts in zip(*pieces)]
 
     def _segment(self, start: int, stop: int, params: dict[str, np.ndarray], *,
                  extra_outputs: set[str] = frozenset(), quantizers: list[ActivationQuant] | None = None) -> Segment:
         """Nodes [start, stop) as a model reading the frontier, with `params` (initializer name ->
-        value) for the layer's weight and bias, writing what is read later and `extra_outputs`. With `quantizers` (the quantized stream) each of their tensors
-        goes through QuantizeLinear and DequantizeLinear before anything reads it, and quantized
-        constants replace the float ones."""
+        value) for the layer's weight and bias, writing what is read later and `extra_outputs`.
+        With `quantizers` (the quantized stream) each of their tensors goes through QuantizeLinear
+        and DequantizeLinear before anything reads it, and is written as its integers; inputs
+        quantized earlier are read as integers and dequantized; quantized constants replace the
+        float ones."""
         nodes = self.nodes[start:stop]
         produced = {name for node in nodes for name in node.output}
         read = list(dict.fromkeys(name for node in nodes for name in node.input if name))
@@ -191,16 +253,24 @@ class NetworkStreams:
         outputs = kept + sorted(extra_outputs - set(kept))
         constants = [self.initializers[n] for n in read if n in self.initializers and n not in params]
         constants += [numpy_helper.from_array(value, name) for name, value in params.items()]
+        coded = {}
+        input_infos = [self._value_info(name) for name in inputs]
+        output_infos = [self._value_info(name, typed=False) for name in outputs]
         if quantizers is not None:
-            nodes = _with_quantizers(nodes, quantizers)
+            read_coded = [self.quantizers[name] for name in inputs if name in self.quantizers]
+            written = {q.tensor_name: q for q in quantizers}
+            nodes = [_dequantizer(q) for q in read_coded] + _with_quantizers(nodes, quantizers)
             constants = [self.quantized_constants.get(c.name, c) for c in constants]
-            constants += [t for q in quantizers for t in _quantizer_constants(q)]
-        graph = helper.make_graph(
-            nodes, f"segment_{start}",
-            [self._value_info(name) for name in inputs],
-            [self._value_info(name, typed=False) for name in outputs], constants)
+            constants += [t for q in read_coded + quantizers for t in _quantizer_constants(q)]
+            coded = {q.tensor_name: f"{q.tensor_name}.sim_quantized" for q in read_coded}
+            coded.update({name: f"{name}.sim_quantized" for name in kept if name in written})
+            input_infos = [_integer_info(coded[name], self.quantizers[name]) if name in coded else info
+                           for name, info in zip(inputs, input_infos)]
+            output_infos = [_integer_info(coded[name], written[name]) if name in coded else info
+                            for name, info in zip(outputs, output_infos)]
+        graph = helper.make_graph(nodes, f"segment_{start}", input_infos, output_infos, constants)
         model = helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
-        return Segment(model, inputs, outputs, kept)
+        return Segment(model, start, inputs, outputs, kept, coded)
 
     def _value_info(self, name: str, typed: bool = True) -> onnx.ValueInfoProto:
         """The tensor's inferred type with its shape dropped (batch and sizes vary); for a frontier
@@ -226,6 +296,29 @@ def quantizer_dtype(quantizer: ActivationQuant) -> type:
 
 def _fake_quant(values: np.ndarray, quantizer: ActivationQuant) -> np.ndarray:
     return fake_quant(values, quantizer.scale, quantizer.bits, False, quantizer.zero_point)
+
+
+def _float32(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float32) if values.dtype == np.float16 else values
+
+
+def _integers(values: np.ndarray, quantizer: ActivationQuant) -> np.ndarray:
+    """QuantizeLinear(values): the quantizer's integers."""
+    dtype = quantizer_dtype(quantizer)
+    q = np.rint(values / np.float32(quantizer.scale)) + quantizer.zero_point
+    return np.clip(q, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+
+
+def _integer_info(name: str, quantizer: ActivationQuant) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(quantizer_dtype(quantizer))),
+                                         None)
+
+
+def _dequantizer(quantizer: ActivationQuant) -> onnx.NodeProto:
+    """DequantizeLinear from the tensor's integers (`.sim_quantized`) to the tensor."""
+    name = quantizer.tensor_name
+    return helper.make_node("DequantizeLinear", [f"{name}.sim_quantized", f"{name}.sim_scale", f"{name}.sim_zero_point"],
+                            [name])
 
 
 def _quantizer_constants(quantizer: ActivationQuant) -> list[onnx.TensorProto]:

@@ -108,7 +108,7 @@ def data_options(command):
         click.option("--crop-ratio", type=float, default=CROP_FRACTION, show_default=True,
                      help="Resize the short side to size/RATIO, then center-crop (1 crops only the long side)."),
         click.option("--max-memory", metavar="SIZE", callback=lambda ctx, param, value: _bytes(value),
-                     help="Memory budget, e.g. 4G: a conversion keeps the tensors it caches within a quarter "
+                     help="Memory budget, e.g. 4G: a conversion keeps the tensors it caches within half "
                           "of it (the rest goes to --work-dir), and any single input (a model's weights, a "
                           "calibration array, a constant it folds) larger than it is refused before it is "
                           "allocated.  [default: 4G, or half the machine's memory if less]"),
@@ -162,6 +162,9 @@ def data_options(command):
               help="Most alternations of scales and bit-plane sweeps per layer.")
 @click.option("--damping", default=0.3, show_default=True, type=float,
               help="Ridge toward the float weights, as a fraction of the Gram matrix's mean diagonal.")
+@click.option("--sample-rows", default=QuantConfig.sample_rows, show_default=True, type=click.IntRange(min=0),
+              help="Patch rows (output positions) each layer's statistics are estimated from, sampled "
+                   "uniformly; at least 64 per weight column; 0 uses them all.")
 @click.option("--batch-size", type=int,
               help="Calibration samples run at once.  [default: about 4 MiB of input]")
 @click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
@@ -177,7 +180,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
                      wbits: int, abits: int, weight_storage: str, first_last_wbits: str, depthwise_wbits: str,
                      layer_bits: tuple[str, ...], exclude: tuple[str, ...], size_budget: float | None, error_compensation: bool, compensation_blend: float,
                      bias_correction: bool, equalization: bool,
-                     iterations: int, damping: float, batch_size: int | None, work_dir: Path | None,
+                     iterations: int, damping: float, sample_rows: int, batch_size: int | None, work_dir: Path | None,
                      report_path: Path | None, external_data: bool, quiet: bool, verbose: bool, **data_options):
     """Quantize a float ONNX model to a low-bit QDQ model with Bit-Split and Stitching."""
     with _one_line_errors(verbose):
@@ -188,7 +191,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
             layer_wbits=_layer_bits(layer_bits), exclude=exclude, size_budget=size_budget, error_compensation=error_compensation,
             compensation_blend=compensation_blend,
             bias_correction=bias_correction, equalization=equalization,
-            iterations=iterations, damping=damping,
+            iterations=iterations, damping=damping, sample_rows=sample_rows or None,
             batch_size=batch_size, calib_count=calib_count, max_memory=data_options["max_memory"],
             work_dir=None if work_dir is None else str(work_dir))
         if input_shapes:

@@ -56,8 +56,8 @@ def conv_patches(x: np.ndarray, geometry: ConvGeometry, rows: np.ndarray | None 
 
     The result is a transposed view of a contiguous (g, N, R) array, so that a Gram matrix is one
     BLAS product per group. It is gathered one kernel tap at a time, for all rows at once, from a
-    channel-major padded copy of the samples the rows fall in: a sample of rows costs R·N values
-    plus that copy, whatever the image size.
+    channel-major padded copy of the samples the rows fall in (of nothing, for one unpadded
+    sample): a sample of rows costs R·N values plus that copy, whatever the image size.
     """
     batch, channels, height, width = x.shape
     top, left, bottom, right = geometry.resolved_pads(height, width)
@@ -67,9 +67,12 @@ def conv_patches(x: np.ndarray, geometry: ConvGeometry, rows: np.ndarray | None 
     first = b[0] if len(rows) else 0
     x, b = x[first:b[-1] + 1 if len(rows) else 0], b - first
     padded_h, padded_w = height + top + bottom, width + left + right
-    padded = np.zeros((channels, len(x), padded_h, padded_w), x.dtype)
-    padded[:, :, top:top + height, left:left + width] = x.transpose(1, 0, 2, 3)
-    padded = padded.reshape(channels, -1)
+    if len(x) == 1 and padded_h * padded_w == height * width:  # already channel-major: no copy
+        padded = x.reshape(channels, -1)
+    else:
+        padded = np.zeros((channels, len(x), padded_h, padded_w), x.dtype)
+        padded[:, :, top:top + height, left:left + width] = x.transpose(1, 0, 2, 3)
+        padded = padded.reshape(channels, -1)
     oy, ox = np.divmod(position, out_w)
     (kh, kw), (sh, sw), (dh, dw) = geometry.kernel, geometry.strides, geometry.dilations
     columns = np.empty((channels, kh * kw, len(rows)), x.dtype)

@@ -30,7 +30,7 @@ import numpy as np
 
 BLOCK = 32  # columns per blocked update of H = q G (GPTQ's lazy batch update)
 ROW_BLOCK = 4096  # patch rows per Gram product: thin blocks (N = 9 for depthwise) stay in cache
-CONVERGED = 1e-4  # stop when a sweep lowers the loss by less than this fraction (later ones gain ~1e-5)
+CONVERGED = 1e-5  # stop when a sweep lowers the loss by less than this fraction (later ones gain ~1e-5)
 
 
 @dataclass(frozen=True)

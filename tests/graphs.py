@@ -306,3 +306,27 @@ def op_between_convs(op: str) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     onnx.checker.check_model(model)
     return model
+
+
+def batch_in_constants_model() -> onnx.ModelProto:
+    """
+        x [1,4,8,8] -> Conv 3x3 -> Reshape [1, -1] -> Softmax -> Reshape [-1, 4, 8, 8] -> Conv 1x1 -> y
+    A static batch of 1 written into a constant: several samples run at once would be mixed by the
+    Softmax without any shape error.
+    """
+    rng = np.random.default_rng(0)
+    init = {"w1": rng.normal(0, 0.3, (4, 4, 3, 3)), "w2": rng.normal(0, 0.3, (4, 4, 1, 1))}
+    nodes = [
+        helper.make_node("Conv", [INPUT, "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["c1", "flat"], ["f"]),
+        helper.make_node("Softmax", ["f"], ["s"], axis=-1),
+        helper.make_node("Reshape", ["s", "back"], ["b"]),
+        helper.make_node("Conv", ["b", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "test", [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in init.items()]
+        + [numpy_helper.from_array(np.array([1, -1], np.int64), "flat"),
+           numpy_helper.from_array(np.array([-1, 4, 8, 8], np.int64), "back")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])

@@ -12,7 +12,9 @@ names (`CCC_wnid_name.jpg` -> int(CCC)). Every model is written with a static ba
 (`--input-shape 1xCxHxW`, what NPUs need; onnxruntime's rows go through its quant_pre_process at
 that shape), so every row can be deployed as it is.
 
-Columns: top-1, argmax agreement with the float model, conversion seconds, file size, and per
+Columns: top-1, argmax agreement with the float model, conversion seconds and their ratio to one
+float pass over the same calibration images (onnxruntime, batch 1, measured in the same run), the
+conversion's peak resident memory (each conversion runs in a fresh process), file size, and per
 runtime: onnxruntime CPU batch-1 latency and its integer ops after its optimizer (QLinear*, QGemm;
 "float" counts the Conv/Gemm/MatMul left in float), OpenVINO CPU batch-1 latency and how many of
 its Convolution/FullyConnected layers run in u8/i8, and whether QNN HTP (onnxruntime-qnn) takes the
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -72,6 +75,8 @@ TECHNIQUES = {
     "damping1": dict(damping=1.0),
     "equalize": dict(equalization=True),
     "depthwise-same": dict(depthwise_wbits=None),  # depthwise Convs at the width of the rest
+    "all-rows": dict(sample_rows=None),  # statistics over every patch row, not a sample
+    "rows16k": dict(sample_rows=16384),
 }
 ABLATIONS = {m.label: m for m in [_ours(f"ec-w{b}-{name}", b, **options)
                                   for b in (4, 3) for name, options in TECHNIQUES.items()]}
@@ -119,16 +124,13 @@ def main(argv=None) -> int:
     shape = (1, *dims[1:])
     mean, std = PRESETS[args.preset]
 
-    def reader(calibration: bool):
-        r = ImageFolderReader(args.images, input_name, shape[2:], mean=mean, std=std)
-        split = len(r.paths) - args.calib_count if args.calib_last else args.calib_count
-        first, second = r.paths[:split], r.paths[split:]
-        r.paths = (second if args.calib_last else first) if calibration else (first if args.calib_last else second)
-        return r
-
-    held_out = reader(calibration=False)
-    x = np.concatenate([feed[input_name] for feed in held_out])
-    labels = np.array([int(p.name[:3]) for p in held_out.paths])
+    paths = ImageFolderReader(args.images, input_name, shape[2:]).paths
+    split = len(paths) - args.calib_count if args.calib_last else args.calib_count
+    first, second = paths[:split], paths[split:]
+    calibration_paths, held_out_paths = (second, first) if args.calib_last else (first, second)
+    calibration = Calibration(args.images, input_name, shape[2:], mean, std, calibration_paths)
+    x = np.concatenate([feed[input_name] for feed in calibration.reader(held_out_paths)])
+    labels = np.array([int(p.name[:3]) for p in held_out_paths])
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     static_float = workdir / "float.onnx"
@@ -136,16 +138,18 @@ def main(argv=None) -> int:
     set_input_shapes(float_model, {input_name: shape})
     onnx.save(onnx.shape_inference.infer_shapes(float_model), static_float)
     float_predictions = predict(static_float, input_name, x)
+    float_pass = timed_pass(static_float, input_name, np.concatenate([f[input_name] for f in calibration.reader()]))
 
     rows, paths = [], []
     for label in args.methods.split(","):
         method = {**METHODS, **ABLATIONS}[label]
         path = static_float if label == "float" else workdir / f"{label}.onnx"
-        seconds = 0.0 if label == "float" else convert(
-            method, static_float, path, lambda: reader(calibration=True), {input_name: shape})
+        seconds, peak = (0.0, 0) if label == "float" else in_fresh_process(
+            convert, method, static_float, path, calibration, {input_name: shape})
         predictions = predict(path, input_name, x)
         rows.append({"method": label, "top1": 100 * (predictions == labels).mean(),
                      "agree": 100 * (predictions == float_predictions).mean(), "seconds": seconds,
+                     "ratio": seconds / float_pass, "peak_gib": peak / 2**30,
                      "mib": path.stat().st_size / 2**20, **onnxruntime_ops(path, workdir), **deployment(path)})
         paths.append(path)
         print(f"{label}: top-1 {rows[-1]['top1']:.1f}%", file=sys.stderr, flush=True)
@@ -158,15 +162,54 @@ def main(argv=None) -> int:
     return 0
 
 
-def convert(method: Method, model_path: Path, path: Path, calibration, shapes: dict) -> float:
+@dataclass(frozen=True)
+class Calibration:
+    """What an ImageFolderReader over the calibration images needs (picklable for a child process)."""
+
+    folder: Path
+    input_name: str
+    size: tuple[int, int]
+    mean: tuple
+    std: tuple
+    paths: list[Path]
+
+    def reader(self, paths: list[Path] | None = None) -> ImageFolderReader:
+        reader = ImageFolderReader(self.folder, self.input_name, self.size, mean=self.mean, std=self.std)
+        reader.paths = self.paths if paths is None else paths
+        return reader
+
+
+def in_fresh_process(function, *args):
+    """(function(*args), the peak resident bytes of the process that ran it): a spawned process,
+    so that the peak is the conversion's own."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_with_peak, (function, *args))
+
+
+def _with_peak(function, *args):
+    import resource
+    result = function(*args)
+    return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def convert(method: Method, model_path: Path, path: Path, calibration: Calibration, shapes: dict) -> float:
     """Seconds to load, quantize and save (onnxruntime is given the path: it edits a ModelProto
     it is given in place)."""
     start = time.perf_counter()
     if method.config is not None:
-        quantized, _ = quantize(onnx.load(model_path), calibration(), replace(method.config, input_shapes=shapes))
+        quantized, _ = quantize(onnx.load(model_path), calibration.reader(), replace(method.config, input_shapes=shapes))
         onnx.save(quantized, path)
     else:
-        ort_quantize(model_path, path, calibration(), method.ort_bits, method.ort_calibration)
+        ort_quantize(model_path, path, calibration.reader(), method.ort_bits, method.ort_calibration)
+    return time.perf_counter() - start
+
+
+def timed_pass(path: Path, input_name: str, x: np.ndarray) -> float:
+    """Seconds of one onnxruntime pass over x, one sample at a time (the session made beforehand)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    start = time.perf_counter()
+    for i in range(len(x)):
+        session.run(None, {input_name: x[i:i + 1]})
     return time.perf_counter() - start
 
 
@@ -252,11 +295,13 @@ def markdown(rows: list[dict], args, evaluated: int) -> str:
         f"Model `{args.model.name}`, calibration: {where[0]} {args.calib_count} images of `{args.images.name}`, "
         f"evaluation: the {evaluated} {where[1]} them; batch-1 static input.",
         "",
-        "| method | top-1 % | agreement % | conversion s | size MiB | ORT CPU ms | ORT integer ops (float layers) "
-        "| OpenVINO ms | OpenVINO int8 layers | QNN HTP whole |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+        "| method | top-1 % | agreement % | conversion s (x float pass) | peak GiB | size MiB | ORT CPU ms "
+        "| ORT integer ops (float layers) | OpenVINO ms | OpenVINO int8 layers | QNN HTP whole |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
     ]
-    lines += [f"| {r['method']} | {r['top1']:.1f} | {r['agree']:.1f} | {r['seconds']:.0f} | {r['mib']:.2f} | "
+    lines += [f"| {r['method']} | {r['top1']:.1f} | {r['agree']:.1f} | "
+              + (f"{r['seconds']:.0f} ({r['ratio']:.0f}x) | {r['peak_gib']:.2f} | " if r["seconds"] else "- | - | ")
+              + f"{r['mib']:.2f} | "
               f"{r['ort_ms']:.2f} | {r['int_ops']} ({r['float_layers']}) | {r['ov_ms']:.2f} | {r['ov_int']} | {r['qnn']} |"
               for r in rows]
     return "\n".join(lines) + "\n"

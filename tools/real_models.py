@@ -71,6 +71,7 @@ def main() -> int:
     parser.add_argument("--calib-count", type=int, default=32)
     parser.add_argument("--eval-count", type=int, default=32)
     parser.add_argument("--models", default="det,cls")
+    parser.add_argument("--det-size", default="320x320", help="HxW the detector is calibrated and evaluated at")
     parser.add_argument("--wbits", default="8,4")
     parser.add_argument("--compensation-blend", type=float, default=QuantConfig.compensation_blend)
     parser.add_argument("--equalize", action="store_true")
@@ -82,6 +83,7 @@ def main() -> int:
     print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
     for name in args.models.split(","):
         file, size, mean, std = MODELS[name]
+        size = tuple(int(v) for v in args.det_size.split("x")) if name == "det" else size
         model = onnx.load(folder / file)
         calibration, evaluation = (
             subset_reader(args.images, model.graph.input[0].name, size, mean, std, skip, count)

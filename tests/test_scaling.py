@@ -1,0 +1,112 @@
+"""Bounded cost: sampled statistics, tensors past the memory budget on disk, nothing left behind."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from graphs import batch_in_constants_model, feeds_for, inverted_residual_model
+from onnx_bitsplit import QuantConfig, quantize, quantize_file
+from onnx_bitsplit.api import sampled_rows
+from onnx_bitsplit.store import BatchStore, Spilled
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_store_keeps_arrays_within_its_budget_and_the_rest_on_disk(tmp_path):
+    store = BatchStore(budget=1000, work_dir=tmp_path)
+    small, large = np.arange(100, dtype=np.float32), np.arange(1000, dtype=np.float32)
+    kept, spilled = store.put(small), store.put(large)
+    assert isinstance(kept, np.ndarray) and isinstance(spilled, Spilled) and spilled.shape == (1000,)
+    np.testing.assert_array_equal(store.get(spilled), large)
+    assert store.resident == 400 and store.spilled_bytes == 4000
+    store.drop(spilled)
+    store.drop(kept)
+    assert not spilled.path.exists() and store.resident == 0
+    store.put(large)
+    store.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sampled_rows_are_uniform_seeded_and_in_range():
+    counts = [5000, 100, 0, 20000]
+    rows = sampled_rows(counts, 4096, seed=3)
+    assert sum(map(len, rows)) == 4096
+    assert all((r >= 0).all() and (r < c).all() and (np.diff(r) > 0).all() for r, c in zip(rows, counts))
+    assert abs(len(rows[3]) / 4096 - 20000 / 25100) < 0.03  # each batch in proportion to its rows
+    again = sampled_rows(counts, 4096, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(rows, again))
+    assert [len(r) for r in sampled_rows(counts, 10**6, seed=3)] == counts  # under the cap: every row
+
+
+def test_a_spilling_conversion_equals_one_in_memory_and_leaves_no_file(tmp_path):
+    model = inverted_residual_model()
+    feeds = feeds_for(model, 256)
+    in_memory, _ = quantize(model, feeds, QuantConfig(batch_size=4))
+    spilled, report = quantize(model, feeds, QuantConfig(batch_size=4, max_memory=2**20, work_dir=str(tmp_path)))
+    assert report.spilled_bytes > 0 and report.peak_rss_bytes > 0
+    assert list(tmp_path.iterdir()) == []
+    for name, value in weights(in_memory).items():
+        np.testing.assert_array_equal(weights(spilled)[name], value, err_msg=name)
+
+
+def test_the_work_folder_is_removed_when_a_conversion_is_interrupted(tmp_path):
+    model = inverted_residual_model()
+    spilled = []
+
+    def interrupt(phase, done, total, name):  # as Ctrl-C after the first layer
+        spilled.extend(tmp_path.glob("*/*.npy"))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize(model, feeds_for(model, 256), QuantConfig(batch_size=4, max_memory=2**20, work_dir=str(tmp_path)),
+                 progress=interrupt)
+    assert spilled
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sampling_rows_changes_the_solution_little_and_is_reproducible(tmp_path):
+    model = inverted_residual_model()
+    feeds = feeds_for(model, 256)
+    every, every_report = quantize(model, feeds, QuantConfig(sample_rows=None))
+    sampled, sampled_report = quantize(model, feeds, QuantConfig(sample_rows=256))
+    again, _ = quantize(model, feeds, QuantConfig(sample_rows=256))
+    assert weights(sampled).keys() == weights(again).keys()
+    assert all(np.array_equal(weights(sampled)[n], v) for n, v in weights(again).items())
+    changed = [a.rel_error for a in sampled_report.layers] != [a.rel_error for a in every_report.layers]
+    assert changed  # the cap was below the rows of these layers: the sample is really smaller
+    for full, part in zip(every_report.layers, sampled_report.layers):
+        assert part.rel_error < 2 * full.rel_error + 1e-3, full.name
+
+
+def test_the_command_spills_beside_its_output_by_default(tmp_path):
+    model_path, out = tmp_path / "model.onnx", tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    model = inverted_residual_model()
+    onnx.save(model, model_path)
+    report = quantize_file(model_path, out, feeds_for(model, 256), QuantConfig(max_memory=2**20, batch_size=4))
+    assert report.spilled_bytes > 0 and report.options["work_dir"] == str(out.parent)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx"]
+
+
+@pytest.mark.parametrize("build", [batch_in_constants_model, lambda: fixed_batch(inverted_residual_model())])
+def test_a_fixed_batch_model_runs_several_samples_at_once_only_where_that_is_exact(build):
+    model = build()
+    feeds = feeds_for(model, 24)
+    one_at_a_time, _ = quantize(model, feeds, QuantConfig(batch_size=1))
+    joined, _ = quantize(model, feeds, QuantConfig(batch_size=8))
+    expected, got = run(one_at_a_time, feeds), run(joined, feeds)
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()  # a few rounding flips; mixed: 80%
+
+
+def run(model: onnx.ModelProto, feeds: list[dict]) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, feed)[0] for feed in feeds])
+
+
+def fixed_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    return model

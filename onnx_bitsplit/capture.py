@@ -45,11 +45,24 @@ class Batches(Sequence):
         self.store, self.items, self.quantizer = store, items, quantizer
 
     def __getitem__(self, index: int) -> np.ndarray:
-        values = self.store.get(self.items[index])
+        return self.values(self.stored(index))
+
+    def stored(self, index: int) -> np.ndarray:
+        """The batch as stored (integers, float16 or float32; mapped from disk if spilled): to take
+        a few values from without converting all of them."""
+        return self.store.get(self.items[index])
+
+    @property
+    def zero(self) -> float:
+        """What 0 is stored as."""
+        return 0 if self.quantizer is None else self.quantizer.zero_point
+
+    def values(self, stored: np.ndarray) -> np.ndarray:
+        """Stored values (all of a batch, or some taken from it) as float32."""
         if self.quantizer is None:
-            return _float32(values)
+            return _float32(stored)
         scale, zero_point = np.float32(self.quantizer.scale), np.float32(self.quantizer.zero_point)
-        return (values.astype(np.float32) - zero_point) * scale  # as DequantizeLinear
+        return (stored.astype(np.float32) - zero_point) * scale  # as DequantizeLinear
 
     def __len__(self) -> int:
         return len(self.items)
@@ -179,6 +192,7 @@ class NetworkStreams:
             if key not in self.borrowed:
                 for item in items:
                     self.store.drop(item)
+        self.store.release_freed()
 
     def _run(self, segment: Segment, cache: dict[str, list[Stored]], sampled: set[str] = frozenset()
              ) -> dict[str, list[np.ndarray]]:

@@ -108,7 +108,7 @@ def data_options(command):
         click.option("--crop-ratio", type=float, default=CROP_FRACTION, show_default=True,
                      help="Resize the short side to size/RATIO, then center-crop (1 crops only the long side)."),
         click.option("--max-memory", metavar="SIZE", callback=lambda ctx, param, value: _bytes(value),
-                     help="Memory budget, e.g. 4G: a conversion keeps the tensors it caches within half "
+                     help="Memory budget, e.g. 4G: a conversion keeps the tensors it caches within a quarter "
                           "of it (the rest goes to --work-dir), and any single input (a model's weights, a "
                           "calibration array, a constant it folds) larger than it is refused before it is "
                           "allocated.  [default: 4G, or half the machine's memory if less]"),

@@ -66,7 +66,7 @@ class QuantConfig:
             the output has them and calibration runs at them (NPUs need static shapes).
             Defaults to none: dynamic dimensions stay dynamic.
         max_memory: the memory budget in bytes. The cached tensors of the two streams stay
-            within half of it (the rest goes to files in work_dir), and any single thing
+            within a quarter of it (the rest goes to files in work_dir), and any single thing
             read or folded (a calibration array, an image, a constant the graph computes) larger
             than it is refused with an error before it is allocated. None: 4 GiB, or half of
             the machine's memory if that is less. Defaults to None.

@@ -93,11 +93,12 @@ class LayerSpec:
             return matrix.reshape(self.weight_shape)
         return matrix[0].T if self.axis == 1 else matrix[0]
 
-    def patches(self, x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    def patches(self, x: np.ndarray, rows: np.ndarray | None = None, pad_value: float = 0) -> np.ndarray:
         """Layer input -> (g, R, N) patches, so that outputs are patches @ Wᵀ per group: the
-        output rows `rows` (flat indices, below patch_count(x.shape)), or all of them."""
+        output rows `rows` (flat indices, below patch_count(x.shape)), or all of them; a Conv's
+        padding reads `pad_value`."""
         if self.geometry:
-            return conv_patches(self._as_2d(x), self.geometry, rows)
+            return conv_patches(self._as_2d(x), self.geometry, rows, pad_value)
         return dense_patches(x.swapaxes(-1, -2) if self.weight_index == 0 else x, rows)
 
     def patch_count(self, shape: tuple[int, ...]) -> int:

@@ -50,36 +50,51 @@ class ConvGeometry:
         return begins[0], begins[1], ends[0], ends[1]
 
 
-def conv_patches(x: np.ndarray, geometry: ConvGeometry, rows: np.ndarray | None = None) -> np.ndarray:
+def conv_patches(x: np.ndarray, geometry: ConvGeometry, rows: np.ndarray | None = None,
+                 pad_value: float = 0) -> np.ndarray:
     """NCHW input (B, C, H, W) -> patches (g, R, C/g*kh*kw) of a 2-D Conv, for the output
-    positions `rows` (sorted flat indices into (B, Ho, Wo), see conv_positions), or all of them.
+    positions `rows` (sorted flat indices into (B, Ho, Wo), see conv_positions), or all of them;
+    taps in the padding read `pad_value` (the zero point, for a tensor stored as integers).
 
     The result is a transposed view of a contiguous (g, N, R) array, so that a Gram matrix is one
-    BLAS product per group. It is gathered one kernel tap at a time, for all rows at once, from a
-    channel-major padded copy of the samples the rows fall in (of nothing, for one unpadded
-    sample): a sample of rows costs R·N values plus that copy, whatever the image size.
+    BLAS product per group. It is gathered one kernel tap at a time for all rows at once: a sparse
+    sample of rows straight from x (R·N values read, whatever the image size and however x is
+    stored), many rows from a channel-major padded copy of the samples they fall in.
     """
     batch, channels, height, width = x.shape
     top, left, bottom, right = geometry.resolved_pads(height, width)
     out_h, out_w = geometry.output_size(height, width)
-    rows = np.arange(batch * out_h * out_w) if rows is None else np.asarray(rows)
+    positions = batch * out_h * out_w
+    rows = np.arange(positions) if rows is None else np.asarray(rows)
     b, position = np.divmod(rows, out_h * out_w)
-    first = b[0] if len(rows) else 0
-    x, b = x[first:b[-1] + 1 if len(rows) else 0], b - first
-    padded_h, padded_w = height + top + bottom, width + left + right
-    if len(x) == 1 and padded_h * padded_w == height * width:  # already channel-major: no copy
-        padded = x.reshape(channels, -1)
-    else:
-        padded = np.zeros((channels, len(x), padded_h, padded_w), x.dtype)
-        padded[:, :, top:top + height, left:left + width] = x.transpose(1, 0, 2, 3)
-        padded = padded.reshape(channels, -1)
     oy, ox = np.divmod(position, out_w)
     (kh, kw), (sh, sw), (dh, dw) = geometry.kernel, geometry.strides, geometry.dilations
     columns = np.empty((channels, kh * kw, len(rows)), x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            columns[:, i * kw + j] = np.take(padded, (b * padded_h + oy * sh + i * dh) * padded_w + ox * sw + j * dw,
-                                             axis=1)
+    if 4 * len(rows) < positions:
+        flat, channel = x.reshape(-1), np.arange(channels)[:, None] * (height * width)
+        for i in range(kh):
+            y = oy * sh + i * dh - top
+            for j in range(kw):
+                x_pos = ox * sw + j * dw - left
+                inside = (y >= 0) & (y < height) & (x_pos >= 0) & (x_pos < width)
+                tap = flat[channel + ((b * channels * height + np.clip(y, 0, height - 1)) * width
+                                      + np.clip(x_pos, 0, width - 1))]
+                tap[:, ~inside] = pad_value
+                columns[:, i * kw + j] = tap
+    else:
+        first = b[0] if len(rows) else 0
+        x, b = x[first:b[-1] + 1 if len(rows) else 0], b - first
+        padded_h, padded_w = height + top + bottom, width + left + right
+        if len(x) == 1 and padded_h * padded_w == height * width:  # already channel-major: no copy
+            padded = x.reshape(channels, -1)
+        else:
+            padded = np.full((channels, len(x), padded_h, padded_w), pad_value, x.dtype)
+            padded[:, :, top:top + height, left:left + width] = x.transpose(1, 0, 2, 3)
+            padded = padded.reshape(channels, -1)
+        for i in range(kh):
+            for j in range(kw):
+                columns[:, i * kw + j] = np.take(
+                    padded, (b * padded_h + oy * sh + i * dh) * padded_w + ox * sw + j * dw, axis=1)
     return columns.reshape(geometry.groups, -1, len(rows)).swapaxes(-1, -2)
 
 

@@ -9,6 +9,8 @@ close(), which quantize() calls on every exit, errors and signals included.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +28,10 @@ class Spilled:
 
 
 Stored = np.ndarray | Spilled
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+except OSError:  # no C library by that name (Windows)
+    _LIBC = None
 
 
 class BatchStore:
@@ -64,6 +70,14 @@ class BatchStore:
             item.path.unlink(missing_ok=True)
         else:
             self.resident -= item.nbytes
+
+    @staticmethod
+    def release_freed() -> None:
+        """Return freed heap memory to the system (glibc's malloc_trim; a no-op elsewhere): tensors
+        of many sizes come and go, and what they leave free would otherwise count in the process's
+        memory for the rest of the run."""
+        if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+            _LIBC.malloc_trim(0)
 
     def close(self) -> None:
         """Delete the work folder and everything in it."""

@@ -76,3 +76,13 @@ def test_patches_of_chosen_rows_are_those_rows_of_all_patches(channels, outputs,
     rows = np.array([0, 5, every.shape[1] // 2, every.shape[1] - 1])
     np.testing.assert_array_equal(conv_patches(x, geometry, rows), every[:, rows])
     np.testing.assert_array_equal(dense_patches(x, rows[:2]), dense_patches(x)[:, rows[:2]])
+
+
+@pytest.mark.parametrize("rows", [None, np.array([0, 7, 40, 97])])  # every row (a padded copy), a few (gathered)
+def test_patches_of_integers_dequantize_to_the_patches_of_the_values(rows):
+    codes = np.random.default_rng(2).integers(0, 256, (2, 3, 7, 7)).astype(np.uint8)
+    scale, zero_point = np.float32(0.1), 128
+    geometry = ConvGeometry((3, 3), pads=(1, 1, 1, 1))
+    gathered = (conv_patches(codes, geometry, rows, pad_value=zero_point).astype(np.float32) - zero_point) * scale
+    expected = conv_patches((codes.astype(np.float32) - zero_point) * scale, geometry, rows)
+    np.testing.assert_allclose(gathered, expected, atol=1e-6)

@@ -203,7 +203,7 @@ class NetworkStreams:
         """
         if not segment.outputs:
             return {}
-        session = make_session(segment.model)
+        session = make_session(segment.model, qdq_fusion=False)
         rng = np.random.default_rng(0)
         samples = {name: [] for name in segment.outputs if name in sampled}
         kept = {name: [] for name in segment.kept}

@@ -56,10 +56,20 @@ class Runner:
         self.placement = placement
 
 
-def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """A CPU session that reports failures by exception only, not on the user's terminal."""
+def make_session(model: onnx.ModelProto, *, qdq_fusion: bool = True) -> ort.InferenceSession:
+    """A CPU session that reports failures by exception only, not on the user's terminal.
+
+    Args:
+        qdq_fusion: let onnxruntime fuse QuantizeLinear/DequantizeLinear around operators into
+            integer kernels, as it does for a deployed model. Off, Q and DQ run as written: the
+            simulation's segments need that, since their weights are float constants that
+            onnxruntime would otherwise quantize on its own (measured: 20x the error at the first
+            layer's output).
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only
+    if not qdq_fusion:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

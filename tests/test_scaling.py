@@ -5,7 +5,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from graphs import batch_in_constants_model, feeds_for, inverted_residual_model
+from graphs import batch_in_constants_model, conv_model, feeds_for, inverted_residual_model
 from onnx_bitsplit import QuantConfig, quantize, quantize_file
 from onnx_bitsplit.api import sampled_rows
 from onnx_bitsplit.store import BatchStore, Spilled
@@ -110,3 +110,34 @@ def fixed_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     for value in [*model.graph.input, *model.graph.output]:
         value.type.tensor_type.shape.dim[0].dim_value = 1
     return model
+
+
+def test_the_quantized_stream_quantizes_only_where_the_layout_says(tmp_path):
+    """With float weights, the quantized stream's layer input is the float one through its
+    quantizer: onnxruntime must not fuse the simulation's Q/DQ around float weights into integer
+    kernels of its own (it quantizes the weights then, 20x the error)."""
+    from onnx_bitsplit.act_scale import fake_quant
+    from onnx_bitsplit.api import choose_quantizer
+    from onnx_bitsplit.capture import NetworkStreams
+    from onnx_bitsplit.graph import find_layers, prepare
+    from onnx_bitsplit.layout import plan_layout
+
+    model = prepare(conv_model())
+    layers, _ = find_layers(model)
+    store = BatchStore(2**30)
+    batches = [{name: store.put(value) for name, value in feed.items()} for feed in feeds_for(model, 8, sizes=[12])]
+    streams = NetworkStreams(model, layers, batches, store, layout=plan_layout(model, layers), compensate=True,
+                             choose=lambda decision, values: choose_quantizer(decision, values, QuantConfig())[0])
+    params = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
+              if t.name in (layers[0].weight_name, layers[0].bias_name)}
+    streams.advance(0, float_params=params, quant_params=params)
+    x_tilde, _ = streams.layer_inputs(1)
+    q_in, q_mid = streams.quantizers[layers[0].input_name], streams.quantizers[layers[1].input_name]
+    W, b = params[layers[0].weight_name], params[layers[0].bias_name]
+    for quantized, stored in zip(x_tilde, batches):
+        x_in = fake_quant(store.get(stored[layers[0].input_name]), q_in.scale, 8, False, q_in.zero_point)
+        patches = layers[0].patches(x_in)[0]
+        y = np.maximum(patches @ W.reshape(len(W), -1).T + b, 0).reshape(1, 12, 12, -1).transpose(0, 3, 1, 2)
+        expected = fake_quant(y, q_mid.scale, 8, False, q_mid.zero_point)
+        assert np.abs(quantized - expected).max() <= 1.01 * q_mid.scale  # one step at most (sums in another order)
+        assert np.mean(quantized != expected) < 0.01

@@ -114,7 +114,8 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
                 "method": "Bit-Split and Stitching (Wang et al., ICML 2020)",
                 "layer_bits": json.dumps({layer.name: layer.bits for layer in report.layers}),
                 "calibration_samples": str(report.calibration_samples),
-                "options": json.dumps(asdict(config), sort_keys=True)})
+                "options": json.dumps({key: value for key, value in asdict(config).items()
+                                       if key != "work_dir"}, sort_keys=True)})  # no local paths in a shipped file
             try:  # the promise is a model onnxruntime runs: keep it even for odd inputs
                 make_session(quantized)
             except Exception as exc:

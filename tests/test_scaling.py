@@ -1,5 +1,7 @@
 """Bounded cost: sampled statistics, tensors past the memory budget on disk, nothing left behind."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -89,6 +91,8 @@ def test_the_command_spills_beside_its_output_by_default(tmp_path):
     report = quantize_file(model_path, out, feeds_for(model, 256), QuantConfig(max_memory=2**20, batch_size=4))
     assert report.spilled_bytes > 0 and report.options["work_dir"] == str(out.parent)
     assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx"]
+    stamped = {p.key: p.value for p in onnx.load(out).metadata_props}["onnx-bitsplit.options"]
+    assert "work_dir" not in json.loads(stamped) and str(tmp_path) not in stamped  # no local path in a shipped file
 
 
 @pytest.mark.parametrize("build", [batch_in_constants_model, lambda: fixed_batch(inverted_residual_model())])

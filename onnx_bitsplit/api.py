@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .act_scale import fake_quant, minmax_affine, mse_affine, mse_scale, quant_range, sample_values
+from .act_scale import fake_quant, minmax_affine, mse_affine, mse_scale, quant_range
 from .calibration import as_feeds, batch_feeds, input_shapes, sample_count
 from .capture import NetworkStreams
 from .config import QuantConfig, memory_limit
@@ -74,7 +74,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
         if not layers:
             raise BitsplitError("--exclude leaves no layer to quantize")
     # the streams' tensors within a quarter of the budget; the rest is for onnxruntime's runs,
-    # the model and the statistics (1.6 GiB more than the tensors at peak, a 640x640 detector)
+    # the model and the statistics (README, Scaling: peak memory against the budget)
     with closing(BatchStore(memory_limit(config.max_memory) // 4, config.work_dir)) as store:
         with phase("calibration"):
             batches = [{name: store.put(value) for name, value in batch.items()} for batch in batch_feeds(
@@ -211,13 +211,14 @@ def peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def choose_quantizer(decision: TensorQuant, batches: list[np.ndarray], config: QuantConfig) -> tuple[ActivationQuant, float]:
-    """The per-tensor quantizer of a tensor, by the MSE criterion on (a sample of) its values.
+def choose_quantizer(decision: TensorQuant, samples: list[np.ndarray], config: QuantConfig) -> tuple[ActivationQuant, float]:
+    """The per-tensor quantizer of a tensor, by the MSE criterion on samples of its values
+    (act_scale.sample_values, taken batch by batch as the streams run; their extremes included).
 
     Returns:
         (the quantizer, its relative error ||x - Q(x)||² / ||x||² on the values it was chosen on).
     """
-    values = sample_values(batches)
+    values = np.concatenate([sample.ravel() for sample in samples])
     if not np.isfinite(values).all():
         raise ModelError(f"tensor '{decision.name}' has NaN or infinite values on the calibration data")
     levels = quant_range(config.abits, signed=False)[1]

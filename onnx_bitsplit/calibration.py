@@ -21,7 +21,7 @@ CROP_FRACTION = 0.875  # resize the short side to size/0.875, then center-crop: 
 LAYOUTS = ("nchw", "nhwc")
 # Samples per batch when the batch axis is dynamic and no batch size is given: about this much
 # input. A batch's activations (several times its input) then stay in memory that malloc reuses
-# rather than maps afresh for every run, which page faults made 1.4x slower at 16 images of 224x224.
+# rather than maps afresh (and page-faults) for every run.
 RUN_INPUT_BYTES = 4 << 20
 MAX_BATCH = 64
 PRESETS = {

@@ -155,7 +155,7 @@ class NetworkStreams:
         self.quantized_constants = {}
         for name, decision in self.layout.constants.items():
             values = numpy_helper.to_array(self.initializers[name])
-            quantizer = self.quantizers[name] = self.choose(decision, [values])
+            quantizer = self.quantizers[name] = self.choose(decision, [sample_values([values])])
             self.quantized_constants[name] = numpy_helper.from_array(_fake_quant(values, quantizer), name)
 
     def _quantize_graph_inputs(self) -> None:

@@ -63,8 +63,7 @@ def make_session(model: onnx.ModelProto, *, qdq_fusion: bool = True) -> ort.Infe
         qdq_fusion: let onnxruntime fuse QuantizeLinear/DequantizeLinear around operators into
             integer kernels, as it does for a deployed model. Off, Q and DQ run as written: the
             simulation's segments need that, since their weights are float constants that
-            onnxruntime would otherwise quantize on its own (measured: 20x the error at the first
-            layer's output).
+            onnxruntime would otherwise quantize on its own (tests/test_scaling.py fails then).
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only

@@ -119,7 +119,7 @@ def fixed_batch(model: onnx.ModelProto) -> onnx.ModelProto:
 def test_the_quantized_stream_quantizes_only_where_the_layout_says(tmp_path):
     """With float weights, the quantized stream's layer input is the float one through its
     quantizer: onnxruntime must not fuse the simulation's Q/DQ around float weights into integer
-    kernels of its own (it quantizes the weights then, 20x the error)."""
+    kernels of its own (it quantizes the weights itself then)."""
     from onnx_bitsplit.act_scale import fake_quant
     from onnx_bitsplit.api import choose_quantizer
     from onnx_bitsplit.capture import NetworkStreams

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .act_scale import fake_quant, minmax_affine, mse_affine, mse_scale, quant_range
-from .calibration import as_feeds, batch_feeds, input_shapes, sample_count
+from .calibration import as_feeds, batch_feeds, calibrated_shapes, input_shapes, sample_count
 from .capture import NetworkStreams
 from .config import QuantConfig, memory_limit
 from .equalize import equalize
@@ -26,7 +26,7 @@ from .modelio import OutputFiles, check_output_paths, load_model, model_files, s
 from .mixed import LayerCost, allocate_bits, storage_bytes
 from .providers import make_session
 from .qdq import WeightQuant, carry_metadata, write_qdq
-from .report import LayerReport, Report
+from .report import LayerReport, Report, printable
 from .selection import check_overrides, exclude_layers, layer_bits, override
 from .solver import BitSplitSolver, LayerSolution
 from .store import BatchStore
@@ -77,10 +77,17 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
     # the model and the statistics (README, Scaling: peak memory against the budget)
     with closing(BatchStore(memory_limit(config.max_memory) // 4, config.work_dir)) as store:
         with phase("calibration"):
-            batches = [{name: store.put(value) for name, value in batch.items()} for batch in batch_feeds(
-                as_feeds(calibration), input_shapes(prepared), batch_size=config.batch_size, count=config.calib_count,
-                join_fixed=True)]
+            shapes, seen, batches = input_shapes(prepared), set(), []
+            for batch in batch_feeds(as_feeds(calibration), shapes, batch_size=config.batch_size,
+                                     count=config.calib_count, join_fixed=True):
+                seen.update((name, value.shape[1:]) for name, value in batch.items())
+                batches.append({name: store.put(value) for name, value in batch.items()})
             report.calibration_samples = sample_count(batches)
+            report.warnings += [
+                f"input '{printable(name)}' has a dynamic size and was calibrated at one only "
+                f"({'x'.join(map(str, shape))}): activation ranges at other sizes are not covered; "
+                "calibrate at the sizes it will run at (--input-size, repeatable) or fix it (--input-shape)"
+                for name, shape in calibrated_shapes(shapes, seen).items()]
         if config.equalization:
             with phase("equalization"):
                 prepared, report.equalized = equalize(prepared, {layer.name for layer in layers}, [

@@ -39,7 +39,9 @@ class ImageFolderReader:
     Args:
         folder: directory of jpg/png/bmp/webp images; grayscale and RGBA are converted to RGB.
         input_name: the model input to feed.
-        size: (height, width) of the model input.
+        size: (height, width) of the model input, or a list of them for a model of dynamic size:
+            the images are then split into that many consecutive runs, one per size, so that
+            calibration sees the sizes the model will run at.
         mean, std: per-channel normalisation in pixel units, x = (pixel - mean) / std, in the
             order of the channels fed (BGR with bgr=True).
         count: read at most this many images. Defaults to all.
@@ -49,7 +51,7 @@ class ImageFolderReader:
             resizes the short side to the input and crops only the long one). Defaults to 0.875.
     """
 
-    def __init__(self, folder: str | Path, input_name: str, size: tuple[int, int], *,
+    def __init__(self, folder: str | Path, input_name: str, size: tuple[int, int] | list[tuple[int, int]], *,
                  mean=PRESETS["tf"][0], std=PRESETS["tf"][1], count: int | None = None,
                  layout: str = "nchw", bgr: bool = False, crop_ratio: float = CROP_FRACTION):
         if layout not in LAYOUTS:
@@ -58,7 +60,7 @@ class ImageFolderReader:
             raise CalibrationError(f"crop ratio must be in (0, 1], got {crop_ratio}")
         self.paths = image_paths(folder)[:count]
         self.input_name = input_name
-        self.size = size
+        self.sizes = [tuple(s) for s in size] if size and isinstance(size[0], (tuple, list)) else [tuple(size)]
         self.layout, self.bgr, self.crop_ratio = layout, bgr, crop_ratio
         self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
@@ -72,9 +74,9 @@ class ImageFolderReader:
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._next >= len(self.paths):
             return None
-        path = self.paths[self._next]
+        path, size = self.paths[self._next], self.sizes[self._next * len(self.sizes) // len(self.paths)]
         self._next += 1
-        pixels = load_image(path, self.size, self.crop_ratio)
+        pixels = load_image(path, size, self.crop_ratio)
         image = (((pixels[::-1] if self.bgr else pixels) - self.mean) / self.std)[None]
         return {self.input_name: np.ascontiguousarray(image.transpose(0, 2, 3, 1) if self.layout == "nhwc" else image)}
 
@@ -212,6 +214,22 @@ def input_shapes(model) -> dict[str, list]:
         i.name: [d.dim_value if d.dim_value > 0 else None for d in i.type.tensor_type.shape.dim]
         for i in model.graph.input if i.name not in initializers
     }
+
+
+def calibrated_shapes(shapes: dict[str, list], seen: set[tuple[str, tuple]]) -> dict[str, tuple]:
+    """Inputs with a dynamic dimension past the batch axis that calibration fed at one shape
+    only: name -> that shape (without the batch axis).
+
+    Args:
+        shapes: input name -> shape, None for a dynamic dimension (input_shapes()).
+        seen: the (input name, shape without the batch axis) pairs calibration fed.
+    """
+    single = {}
+    for name, shape in shapes.items():
+        fed = [fed_shape for fed_name, fed_shape in seen if fed_name == name]
+        if None in shape[1:] and len(fed) == 1:
+            single[name] = fed[0]
+    return single
 
 
 def labels_from_names(paths: list[Path]) -> list[int] | None:

@@ -101,7 +101,9 @@ def data_options(command):
                      help="Image normalisation: tf (x-127)/128, torch ImageNet mean/std, unit x/255, raw x."),
         click.option("--mean", help="Per-channel mean in pixel units (overrides --preset), e.g. 123.7,116.3,103.5."),
         click.option("--std", help="Per-channel std in pixel units (overrides --preset), e.g. 58.4,57.1,57.4."),
-        click.option("--input-size", metavar="HxW", help="Image size for models whose input size is dynamic, e.g. 640x640."),
+        click.option("--input-size", metavar="HxW", multiple=True,
+                     help="Image size for models whose input size is dynamic, e.g. 640x640; repeat it for "
+                          "several (the images are split evenly among them), as the model will run at."),
         click.option("--layout", type=click.Choice(LAYOUTS),
                      help="Image tensor layout.  [default: from the model's input, channels of 3]"),
         click.option("--bgr", is_flag=True, help="Feed channels in BGR order (--mean/--std in that order too)."),
@@ -384,11 +386,11 @@ def _reader(model: onnx.ModelProto, path: Path, count: int | None, options: dict
     if channels != 3:
         raise CalibrationError(f"input '{inputs[0].name}' is not a 3-channel {layout.upper()} image; "
                                "calibrate it with .npy/.npz files")
-    size = _size(options["input_size"]) if options["input_size"] else (height, width)
-    if not all(size):
+    sizes = [_size(text) for text in options["input_size"]] or [(height, width)]
+    if not all(sizes[0]):
         raise CalibrationError(f"input '{inputs[0].name}' has a dynamic size; give one with --input-size HxW")
     preset_mean, preset_std = PRESETS[options["preset"]]
-    return ImageFolderReader(path, inputs[0].name, size, mean=_floats(options["mean"]) or preset_mean,
+    return ImageFolderReader(path, inputs[0].name, sizes, mean=_floats(options["mean"]) or preset_mean,
                              std=_floats(options["std"]) or preset_std, count=count, layout=layout,
                              bgr=options["bgr"], crop_ratio=options["crop_ratio"])
 

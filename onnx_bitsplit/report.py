@@ -4,7 +4,8 @@ The JSON (`--report`) is versioned: {"schema": 1, "tool": {"name", "version"}, "
 "options": {...QuantConfig}, "calibration_samples", "activation_bits", "sizes": {"float_bytes",
 "quant_bytes"}, "memory": {"peak_rss_bytes", "spilled_bytes"}, "phase_seconds": {name: s}, "layers": [{name, op, bits, outputs, inputs,
 groups, rel_error, rtn_rel_error, seconds, sensitivity, reason}], "skipped": [{name, reason}],
-"activations": [{tensor, rel_error}], "equalized": [{producer, consumer, spread, note}]}.
+"activations": [{tensor, rel_error}], "equalized": [{producer, consumer, spread, note}],
+"warnings": [line]}.
 Non-finite numbers are written as null, so strict parsers read it.
 """
 
@@ -65,6 +66,7 @@ class Report:
         spilled_bytes: stream tensors written to the work folder (past the memory budget).
         options: the options of the conversion (QuantConfig as a dict).
         files: the files a file-to-file conversion read and wrote (quantize_file), by role.
+        warnings: what the user should know about the result (one line each).
     """
 
     layers: list[LayerReport] = field(default_factory=list)
@@ -80,6 +82,7 @@ class Report:
     spilled_bytes: int = 0
     options: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self, worst: int = 5) -> str:
         """A few lines for people."""
@@ -114,6 +117,7 @@ class Report:
             lines.append("worst layers by relative output error (Bit-Split vs round-to-nearest):")
             lines += [f"  {printable(layer.name)} W{layer.bits}: {layer.rel_error:.4f} vs {layer.rtn_rel_error:.4f}"
                       for layer in ranked]
+        lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
     def _time_line(self) -> str:
@@ -141,6 +145,7 @@ class Report:
             "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped],
             "activations": [{"tensor": name, "rel_error": error} for name, error in self.activations.items()],
             "equalized": [asdict(pair) for pair in self.equalized],
+            "warnings": self.warnings,
         }
         return json.dumps(finite_json(document), indent=2, allow_nan=False)
 

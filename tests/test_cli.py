@@ -158,11 +158,24 @@ def test_dynamic_size_images_need_input_size(tmp_path):
     onnx.save(model, tmp_path / "dynamic.onnx")
     images = tmp_path / "images"
     images.mkdir()
-    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(images / "a.png")
+    for index in range(4):
+        Image.fromarray(np.full((30, 40, 3), 60 * index, np.uint8)).save(images / f"{index}.png")
     args = [tmp_path / "dynamic.onnx", tmp_path / "q.onnx", "--calib", images]
     assert_one_line_error(invoke(*args), "--input-size")
     result = invoke(*args, "--input-size", "24x32")
     assert result.exit_code == 0, result.output
+    assert "warning: input 'x' has a dynamic size and was calibrated at one only (3x24x32)" in result.output
+    result = invoke(*args, "--input-size", "24x32", "--input-size", "16x16")
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+
+
+def test_several_input_sizes_split_the_images_among_them(tmp_path):
+    from onnx_bitsplit.calibration import ImageFolderReader
+    (tmp_path / "images").mkdir()
+    for index in range(5):
+        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "images" / f"{index}.png")
+    reader = ImageFolderReader(tmp_path / "images", "x", [(8, 8), (16, 12)], crop_ratio=1.0)
+    assert [feed["x"].shape for feed in reader] == [(1, 3, 8, 8)] * 3 + [(1, 3, 16, 12)] * 2
 
 
 def test_size_budget_too_small(tmp_path, model_path, npy_dir):

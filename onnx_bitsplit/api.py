@@ -209,7 +209,15 @@ def _solve_layers(streams: NetworkStreams, weights: dict, bits: list[int], confi
 
 
 def peak_rss() -> int:
-    """The process's peak resident memory in bytes (0 where the platform does not say)."""
+    """The process's peak resident memory in bytes (0 where the platform does not say).
+
+    On Linux from /proc (VmHWM): getrusage's figure keeps the peak of the process that started
+    this one across exec, so a conversion launched by a large process would report that one's."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows

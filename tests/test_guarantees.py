@@ -216,11 +216,25 @@ def test_a_failure_while_writing_leaves_nothing(folder, monkeypatch, failure):
     assert_refused(result, "", folder, before, code=code)
 
 
+def wait_until_caught(pid: int, signum: int, timeout: float = 30.0) -> None:
+    """Until the process has a handler for `signum` (Linux's /proc; elsewhere a fixed wait)."""
+    status, deadline = Path(f"/proc/{pid}/status"), time.monotonic() + timeout
+    if not status.exists():
+        time.sleep(0.3)
+        return
+    while time.monotonic() < deadline:
+        caught = next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("SigCgt:"))
+        if int(caught, 16) >> (signum - 1) & 1:
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} never installed a handler for signal {signum}")
+
+
 def test_sigterm_in_a_real_process_exits_143_and_leaves_nothing(folder):
     before = digest(folder)
     process = subprocess.Popen([sys.executable, "-m", "onnx_bitsplit", str(folder / "model.onnx"), str(folder / "q.onnx"),
                                 "--calib", str(folder / "calib.npy")], stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # while onnx and onnxruntime are still being imported
+    wait_until_caught(process.pid, signal.SIGTERM)  # then onnx and onnxruntime are still being imported
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143 and stderr.strip() == "Error: terminated by SIGTERM", stderr

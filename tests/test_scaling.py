@@ -145,3 +145,13 @@ def test_the_quantized_stream_quantizes_only_where_the_layout_says(tmp_path):
         expected = fake_quant(y, q_mid.scale, 8, False, q_mid.zero_point)
         assert np.abs(quantized - expected).max() <= 1.01 * q_mid.scale  # one step at most (sums in another order)
         assert np.mean(quantized != expected) < 0.01
+
+
+def test_peak_memory_is_the_conversions_own_not_its_launchers():
+    """getrusage's peak survives exec: a conversion started by a large process would report it."""
+    import subprocess
+    import sys
+    ballast = np.ones(1 << 27)  # 1 GiB, touched
+    child = subprocess.run([sys.executable, "-c", "from onnx_bitsplit.api import peak_rss; print(peak_rss())"],
+                           capture_output=True, text=True, check=True)
+    assert ballast.sum() > 0 and 0 < int(child.stdout) < 2**29

@@ -357,7 +357,8 @@ def main() -> int:
                         help="run rapidocr's whole pipeline on rendered pages (--calib-count/--eval-count pages)")
     parser.add_argument("--detector-study", action="store_true",
                         help="with --pipeline: also quantize only the detector once per candidate cause of loss")
-    parser.add_argument("--out", type=Path, help="folder for pages and models (--pipeline; reused when rerun)")
+    parser.add_argument("--out", type=Path, help="folder for pages and models (--pipeline); models already in it are reused, so give "
+                             "a fresh one for other options  [default: a new temporary folder]")
     args = parser.parse_args()
     if args.pipeline:
         return run_pipeline(args)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .act_scale import fake_quant, minmax_affine, mse_affine, mse_scale, quant_range
-from .calibration import as_feeds, batch_feeds, calibrated_shapes, input_shapes, sample_count
+from .calibration import as_feeds, batch_feeds, input_shapes, sample_count, single_shape_inputs
 from .capture import NetworkStreams
 from .config import QuantConfig, memory_limit
 from .equalize import equalize
@@ -77,17 +77,19 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
     # the model and the statistics (README, Scaling: peak memory against the budget)
     with closing(BatchStore(memory_limit(config.max_memory) // 4, config.work_dir)) as store:
         with phase("calibration"):
-            shapes, seen, batches = input_shapes(prepared), set(), []
+            shapes, batches = input_shapes(prepared), []
+            fed = {name: set() for name in shapes}
             for batch in batch_feeds(as_feeds(calibration), shapes, batch_size=config.batch_size,
                                      count=config.calib_count, join_fixed=True):
-                seen.update((name, value.shape[1:]) for name, value in batch.items())
+                for name, value in batch.items():
+                    fed[name].add(value.shape[1:])
                 batches.append({name: store.put(value) for name, value in batch.items()})
             report.calibration_samples = sample_count(batches)
             report.warnings += [
                 f"input '{printable(name)}' has a dynamic size and was calibrated at one only "
                 f"({'x'.join(map(str, shape))}): activation ranges at other sizes are not covered; "
                 "calibrate at the sizes it will run at (--input-size, repeatable) or fix it (--input-shape)"
-                for name, shape in calibrated_shapes(shapes, seen).items()]
+                for name, shape in single_shape_inputs(shapes, fed).items()]
         if config.equalization:
             with phase("equalization"):
                 prepared, report.equalized = equalize(prepared, {layer.name for layer in layers}, [

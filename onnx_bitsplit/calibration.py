@@ -216,20 +216,16 @@ def input_shapes(model) -> dict[str, list]:
     }
 
 
-def calibrated_shapes(shapes: dict[str, list], seen: set[tuple[str, tuple]]) -> dict[str, tuple]:
+def single_shape_inputs(shapes: dict[str, list], fed: dict[str, set[tuple]]) -> dict[str, tuple]:
     """Inputs with a dynamic dimension past the batch axis that calibration fed at one shape
     only: name -> that shape (without the batch axis).
 
     Args:
         shapes: input name -> shape, None for a dynamic dimension (input_shapes()).
-        seen: the (input name, shape without the batch axis) pairs calibration fed.
+        fed: input name -> the shapes (without the batch axis) calibration fed it.
     """
-    single = {}
-    for name, shape in shapes.items():
-        fed = [fed_shape for fed_name, fed_shape in seen if fed_name == name]
-        if None in shape[1:] and len(fed) == 1:
-            single[name] = fed[0]
-    return single
+    return {name: next(iter(fed[name])) for name, shape in shapes.items()
+            if None in shape[1:] and len(fed[name]) == 1}
 
 
 def labels_from_names(paths: list[Path]) -> list[int] | None:

@@ -79,8 +79,9 @@ def fwa_init(W: np.ndarray, qmax: int, iterations: int = 20) -> tuple[np.ndarray
 
 def split(q: np.ndarray, bits: int) -> np.ndarray:
     """Integers (..., N) -> ternary planes (b-1, ..., N); the sign goes into every plane."""
-    sign, magnitude = np.sign(q), np.abs(q).astype(np.int64)
-    return np.stack([sign * ((magnitude >> i) & 1) for i in range(bits - 1)]).astype(np.float64)
+    sign, magnitude = np.sign(q).astype(np.int8), np.abs(q).astype(np.int8)  # |q| <= 127
+    shifts = np.arange(bits - 1, dtype=np.int8).reshape(-1, *[1] * q.ndim)
+    return (((magnitude >> shifts) & 1) * sign).astype(np.float64)
 
 
 def stitch(B: np.ndarray) -> np.ndarray:
@@ -241,31 +242,41 @@ def sweep_plane(planeT: np.ndarray, step: float, qT: np.ndarray, HT: np.ndarray,
         t = q[m, n] + (R[m, n] / alpha_m - H[m, n]) / G[n, n],
     and the best ternary B_i[m, n] is clip(round((t - rest) / 2^i), -1, 1), where rest is q[m, n]
     without plane i. H is kept current inside a block of columns and brought up to date for all
-    columns by one matrix product per block.
+    columns by one matrix product per block, over the columns and rows that changed.
     """
-    N = qT.shape[1]
+    g, N, M = qT.shape
     # (t - rest) / 2^i = B_i[m, n] + (R[m, n] / alpha_m - H[m, n]) / (G[n, n] 2^i)
     scaled_inverse = 1.0 / (step * np.maximum(np.einsum("gnn->gn", G), 1e-300))
     for start in range(0, N, BLOCK):
         stop = min(start + BLOCK, N)
         H_block = HT[:, start:stop].copy()
-        delta = np.zeros_like(H_block)
+        changed, deltas = [], []
         for n in range(start, stop):
-            j = n - start
-            b = planeT[:, n] + (targetT[:, n] - H_block[:, j]) * scaled_inverse[:, n, None]
+            b = planeT[:, n] + (targetT[:, n] - H_block[:, n - start]) * scaled_inverse[:, n, None]
             np.rint(b, out=b)
             np.minimum(b, 1.0, out=b)
             np.maximum(b, -1.0, out=b)
             d = b - planeT[:, n]
             if not d.any():  # late sweeps change few entries: skip the updates of those that don't
                 continue
+            rows = _changed_rows(d)
             d *= step
             planeT[:, n] = b
             qT[:, n] += d
-            delta[:, j] = d
-            H_block += G[:, start:stop, n, None] * d[:, None, :]
-        if delta.any():
-            HT += G[:, :, start:stop] @ delta
+            changed.append(n)
+            deltas.append(d)
+            H_block[:, :, rows] += G[:, start:stop, n, None] * d[:, None, rows]
+        if changed:
+            delta = np.stack(deltas, axis=1)
+            rows = _changed_rows(delta.any(axis=1))
+            HT[:, :, rows] += G[:, :, changed] @ delta[:, :, rows]
+
+
+def _changed_rows(d: np.ndarray) -> np.ndarray | slice:
+    """The rows m with a nonzero entry in d (g, M) in some group: their indices when they are few
+    (after the first sweep most columns change in a few rows of many), else all of them."""
+    rows = np.flatnonzero(d.any(axis=0))
+    return rows if 4 * len(rows) < d.shape[-1] else slice(None)
 
 
 def row_losses(RT: np.ndarray, HT: np.ndarray, alpha: np.ndarray, qT: np.ndarray) -> np.ndarray:

@@ -363,6 +363,8 @@ def _add_rows(solver: BitSplitSolver, pending: list[tuple[np.ndarray, np.ndarray
     if not pending:
         return
     def joined(blocks):  # along the rows of the contiguous (g, N, R) arrays the patches are views of
+        if len(blocks) == 1:
+            return blocks[0]
         return np.concatenate([block.swapaxes(-1, -2) for block in blocks], axis=2).swapaxes(-1, -2)
 
     solver.add_batch(joined([p[0] for p in pending]), joined([p[1] for p in pending]) if compensate else None)

@@ -257,9 +257,10 @@ def sweep_plane(planeT: np.ndarray, step: float, qT: np.ndarray, HT: np.ndarray,
             np.minimum(b, 1.0, out=b)
             np.maximum(b, -1.0, out=b)
             d = b - planeT[:, n]
-            if not d.any():  # late sweeps change few entries: skip the updates of those that don't
+            changes = np.count_nonzero(d)
+            if not changes:  # late sweeps change few entries: skip the updates of those that don't
                 continue
-            rows = _changed_rows(d)
+            rows = _changed_rows(d) if 4 * changes < M else slice(None)
             d *= step
             planeT[:, n] = b
             qT[:, n] += d
@@ -275,7 +276,7 @@ def sweep_plane(planeT: np.ndarray, step: float, qT: np.ndarray, HT: np.ndarray,
 def _changed_rows(d: np.ndarray) -> np.ndarray | slice:
     """The rows m with a nonzero entry in d (g, M) in some group: their indices when they are few
     (after the first sweep most columns change in a few rows of many), else all of them."""
-    rows = np.flatnonzero(d.any(axis=0))
+    rows = np.flatnonzero(d[0] if len(d) == 1 else d.any(axis=0))
     return rows if 4 * len(rows) < d.shape[-1] else slice(None)
 
 

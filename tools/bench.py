@@ -77,6 +77,7 @@ TECHNIQUES = {
     "depthwise-same": dict(depthwise_wbits=None),  # depthwise Convs at the width of the rest
     "all-rows": dict(sample_rows=None),  # statistics over every patch row, not a sample
     "rows128k": dict(sample_rows=131072),
+    "iterations5": dict(iterations=5),
 }
 ABLATIONS = {m.label: m for m in [_ours(f"ec-w{b}-{name}", b, **options)
                                   for b in (4, 3) for name, options in TECHNIQUES.items()]}

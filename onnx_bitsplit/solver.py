@@ -244,7 +244,7 @@ def sweep_plane(planeT: np.ndarray, step: float, qT: np.ndarray, HT: np.ndarray,
     without plane i. H is kept current inside a block of columns and brought up to date for all
     columns by one matrix product per block, over the columns and rows that changed.
     """
-    g, N, M = qT.shape
+    N, M = qT.shape[1:]
     # (t - rest) / 2^i = B_i[m, n] + (R[m, n] / alpha_m - H[m, n]) / (G[n, n] 2^i)
     scaled_inverse = 1.0 / (step * np.maximum(np.einsum("gnn->gn", G), 1e-300))
     for start in range(0, N, BLOCK):

@@ -154,8 +154,9 @@ class OutputFiles:
     def open(self, path: Path):
         """A binary file object for `path`'s temporary file."""
         self.current = path
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        self.staged.append((Path(temporary), path))
+        with _signals_held():  # a signal between creating the file and recording it would leave it behind
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            self.staged.append((Path(temporary), path))
         return os.fdopen(handle, "wb")
 
     def size(self, path: Path) -> int:
@@ -179,9 +180,10 @@ class OutputFiles:
         except OSError as exc:
             kind, value = OSError, exc
         finally:
-            for temporary, final in self.staged:
-                if temporary != final:
-                    temporary.unlink(missing_ok=True)
+            with _signals_held():  # a second signal must not cut the clean-up short
+                for temporary, final in self.staged:
+                    if temporary != final:
+                        temporary.unlink(missing_ok=True)
         if kind is not None and issubclass(kind, OSError):  # a full disk, a vanished folder
             raise BitsplitError(f"cannot write '{getattr(self, 'current', '?')}': {value.strerror or value}") from None
         return False

@@ -216,6 +216,30 @@ def test_a_failure_while_writing_leaves_nothing(folder, monkeypatch, failure):
     assert_refused(result, "", folder, before, code=code)
 
 
+def test_a_signal_just_after_a_temporary_file_is_created_leaves_nothing(tmp_path, monkeypatch):
+    """The window tools/fuzz.py once hit: the file exists, OutputFiles has not recorded it yet."""
+    from onnx_bitsplit import modelio
+    real_mkstemp = modelio.tempfile.mkstemp
+
+    def mkstemp_then_signal(*args, **kwargs):
+        created = real_mkstemp(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at once unless held
+        return created
+
+    def raise_terminated(signum, frame):
+        raise Terminated(signum)
+
+    monkeypatch.setattr(modelio.tempfile, "mkstemp", mkstemp_then_signal)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        with pytest.raises(Terminated):
+            with modelio.OutputFiles() as files:
+                files.write(tmp_path / "q.onnx", b"model")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []
+
+
 def wait_until_caught(pid: int, signum: int, timeout: float = 30.0) -> None:
     """Until the process has a handler for `signum` (Linux's /proc; elsewhere a fixed wait)."""
     status, deadline = Path(f"/proc/{pid}/status"), time.monotonic() + timeout

@@ -16,7 +16,7 @@ import onnx
 
 from .act_scale import fake_quant, minmax_affine, mse_affine, mse_scale, quant_range
 from .calibration import as_feeds, batch_feeds, input_shapes, sample_count, single_shape_inputs
-from .capture import NetworkStreams
+from .capture import Batches, NetworkStreams
 from .config import QuantConfig, memory_limit
 from .equalize import equalize
 from .errors import BitsplitError, ModelError
@@ -335,14 +335,11 @@ def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.nda
         xt_batch, x_batch = x_tilde.stored(batch), x.stored(batch)  # converted after gathering
         for start in range(0, len(rows), chunk):
             piece = rows[start:start + chunk]
-            xt_rows = x_tilde.values(layer.patches(xt_batch, piece, x_tilde.zero))
-            x_rows = x.values(layer.patches(x_batch, piece, x.zero)) if compensate else xt_rows
-            if compensate and blend < 1:  # patches are linear in the input: blend after gathering
-                xt_rows = blend * xt_rows + (1 - blend) * x_rows
-            pending.append((xt_rows, x_rows))
+            pending.append((layer.patches(xt_batch, piece, x_tilde.zero),
+                            layer.patches(x_batch, piece, x.zero) if compensate else None))
             if sum(p[0].shape[1] for p in pending) >= chunk:
-                _add_rows(solver, pending, compensate)
-    _add_rows(solver, pending, compensate)
+                _add_rows(solver, pending, x_tilde, x, blend)
+    _add_rows(solver, pending, x_tilde, x, blend)
     return solver
 
 
@@ -358,16 +355,23 @@ def sampled_rows(counts: list[int], limit: int | None, seed: int) -> list[np.nda
     return [chosen[bounds[i]:bounds[i + 1]] - offsets[i] for i in range(len(counts))]
 
 
-def _add_rows(solver: BitSplitSolver, pending: list[tuple[np.ndarray, np.ndarray]], compensate: bool) -> None:
-    """Fold the pending (X~, X) patch blocks into the solver as one product, and empty the list."""
+def _add_rows(solver: BitSplitSolver, pending: list[tuple[np.ndarray, np.ndarray | None]], x_tilde: Batches,
+              x: Batches, blend: float) -> None:
+    """Fold the pending (X~, X) patch blocks, as stored (X None without error compensation), into
+    the solver as one product, and empty the list. X~ is blended with X by `blend`."""
     if not pending:
         return
-    def joined(blocks):  # along the rows of the contiguous (g, N, R) arrays the patches are views of
-        if len(blocks) == 1:
+    def joined(blocks):  # along the rows of the contiguous (g, N, R) arrays the patches are views of,
+        if len(blocks) == 1:  # before their conversion to float32: fewer bytes to move
             return blocks[0]
         return np.concatenate([block.swapaxes(-1, -2) for block in blocks], axis=2).swapaxes(-1, -2)
 
-    solver.add_batch(joined([p[0] for p in pending]), joined([p[1] for p in pending]) if compensate else None)
+    xt_rows = x_tilde.values(joined([p[0] for p in pending]))
+    x_rows = None if pending[0][1] is None else x.values(joined([p[1] for p in pending]))
+    if x_rows is not None and blend < 1:  # patches are linear in the input: blend after gathering
+        xt_rows = blend * xt_rows  # a new array (xt_rows may be a view of a stored batch), then in place
+        xt_rows += (1 - blend) * x_rows
+    solver.add_batch(xt_rows, x_rows)
     pending.clear()
 
 

@@ -61,8 +61,10 @@ class Batches(Sequence):
         """Stored values (all of a batch, or some taken from it) as float32."""
         if self.quantizer is None:
             return _float32(stored)
-        scale, zero_point = np.float32(self.quantizer.scale), np.float32(self.quantizer.zero_point)
-        return (stored.astype(np.float32) - zero_point) * scale  # as DequantizeLinear
+        values = stored.astype(np.float32)  # then as DequantizeLinear, in place
+        values -= np.float32(self.quantizer.zero_point)
+        values *= np.float32(self.quantizer.scale)
+        return values
 
     def __len__(self) -> int:
         return len(self.items)
@@ -205,7 +207,9 @@ class NetworkStreams:
         """
         if not segment.outputs:
             return {}
-        session = make_session(segment.model, qdq_fusion=False)
+        # no spinning: between runs the main thread copies and samples the outputs, and the
+        # spinning workers would take the cores from it (2 s of 36 on EfficientNet-Lite0 at 256 images)
+        session = make_session(segment.model, qdq_fusion=False, spinning=False)
         rng = np.random.default_rng(0)
         samples = {name: [] for name in segment.outputs if name in sampled}
         kept = {name: [] for name in segment.kept}

@@ -56,7 +56,7 @@ class Runner:
         self.placement = placement
 
 
-def make_session(model: onnx.ModelProto, *, qdq_fusion: bool = True) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto, *, qdq_fusion: bool = True, spinning: bool = True) -> ort.InferenceSession:
     """A CPU session that reports failures by exception only, not on the user's terminal.
 
     Args:
@@ -64,11 +64,15 @@ def make_session(model: onnx.ModelProto, *, qdq_fusion: bool = True) -> ort.Infe
             integer kernels, as it does for a deployed model. Off, Q and DQ run as written: the
             simulation's segments need that, since their weights are float constants that
             onnxruntime would otherwise quantize on its own (tests/test_scaling.py fails then).
+        spinning: let onnxruntime's worker threads busy-wait for the next run. Off for sessions
+            whose runs alternate with numpy work, which would share its cores with the spinning.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only
     if not qdq_fusion:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

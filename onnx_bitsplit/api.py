@@ -112,7 +112,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
 
         with phase("capture"):
             streams = NetworkStreams(prepared, layers, batches, store, layout=layout, choose=choose,
-                                     compensate=config.error_compensation)
+                                     compensate=config.error_compensation, seed=config.seed)
         solved = _solve_layers(streams, weights, bits, config, report, phase, _reporter(progress, "layers", prepared, layers))
         if config.size_budget is not None:
             report.layers = [replace(layer, sensitivity=errors, reason=reason)
@@ -192,8 +192,7 @@ def _solve_layers(streams: NetworkStreams, weights: dict, bits: list[int], confi
     for index, layer in enumerate(layers):
         start = time.perf_counter()
         with phase("statistics"):
-            solver = _accumulate(layer, streams, index, weights[layer.weight_name], config.compensation_blend,
-                                  config.sample_rows)
+            solver = _accumulate(layer, streams, index, weights[layer.weight_name], config.compensation_blend, config)
         with phase("solve"):
             solution = solver.solve(bits[index], iterations=config.iterations, damping=config.damping)
         input_scale = streams.quantizers[layer.input_name].scale
@@ -263,13 +262,13 @@ def _sensitivities(model, layers: list[LayerSpec], batches, store: BatchStore, w
                    progress: Callable[[int], None]) -> list[dict]:
     """Each layer's relative output error at each bit width of BUDGET_BITS, solved on float
     inputs (one float pass, a few iterations per solve); none for layers whose bits layer_wbits fixes."""
-    streams = NetworkStreams(model, layers, batches, store, compensate=False, keep_inputs=True)
+    streams = NetworkStreams(model, layers, batches, store, compensate=False, keep_inputs=True, seed=config.seed)
     errors = []
     for index, layer in enumerate(layers):
         if override(config, layer) is not None:
             errors.append({})
         else:
-            solver = _accumulate(layer, streams, index, weights[layer.weight_name], 1.0, config.sample_rows)
+            solver = _accumulate(layer, streams, index, weights[layer.weight_name], 1.0, config)
             errors.append({bits: solver.solve(bits, iterations=SENSITIVITY_ITERATIONS, damping=config.damping).rel_error
                            for bits in BUDGET_BITS})
         params = {name: weights[name] for name in (layer.weight_name, layer.bias_name) if name}
@@ -318,20 +317,21 @@ def _budget_bits(model: onnx.ModelProto, prepared: onnx.ModelProto, layout: Layo
 
 
 def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.ndarray,
-                blend: float, sample_rows: int | None) -> BitSplitSolver:
-    """A solver holding the layer's statistics over (a seeded sample of) the patch rows of all
-    calibration batches; X~ is the quantized stream's input, blended with the float one by `blend`."""
+                blend: float, config: QuantConfig) -> BitSplitSolver:
+    """A solver holding the layer's statistics over (a seeded sample of, config.sample_rows) the
+    patch rows of all calibration batches; X~ is the quantized stream's input, blended with the
+    float one by `blend`."""
     solver = BitSplitSolver(layer.weight_matrix(W))
     x_tilde, x = streams.layer_inputs(index)
     compensate = x_tilde is not x
     groups, _, width = solver.W.shape
     # each row of a grouped Conv holds all its groups: the same patch values as sample_rows // groups
     # rows of one group (depthwise Grams are small, and their rows cheap to estimate them from)
-    limit = None if sample_rows is None else max(sample_rows // groups, ROWS_PER_WIDTH * width)
+    limit = None if config.sample_rows is None else max(config.sample_rows // groups, ROWS_PER_WIDTH * width)
     chunk = max(1, PATCH_ELEMENTS // (groups * width))
     pending: list[tuple[np.ndarray, np.ndarray]] = []
     for batch, rows in enumerate(sampled_rows([layer.patch_count(shape) for shape in x.shapes], limit,
-                                              seed=index)):
+                                              seed=[index, config.seed])):
         xt_batch, x_batch = x_tilde.stored(batch), x.stored(batch)  # converted after gathering
         for start in range(0, len(rows), chunk):
             piece = rows[start:start + chunk]
@@ -343,7 +343,7 @@ def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.nda
     return solver
 
 
-def sampled_rows(counts: list[int], limit: int | None, seed: int) -> list[np.ndarray]:
+def sampled_rows(counts: list[int], limit: int | None, seed: int | list[int]) -> list[np.ndarray]:
     """Per batch, the patch rows to use: all of them when the batches hold at most `limit` rows in
     all, else `limit` rows drawn uniformly without replacement over all batches (seeded)."""
     total = sum(counts)

@@ -101,15 +101,17 @@ class NetworkStreams:
             quantized stream is the float stream and quantizers are only chosen.
         keep_inputs: leave the calibration batches in the store (for a later pass over them);
             otherwise they are dropped after their last use, like every other tensor.
+        seed: of the value samples the quantizers are chosen on.
     """
 
     def __init__(self, model: onnx.ModelProto, layers: list[LayerSpec], batches: list[dict[str, Stored]],
                  store: BatchStore, *, layout: Layout | None = None, choose: Chooser | None = None,
-                 compensate: bool, keep_inputs: bool = False):
+                 compensate: bool, keep_inputs: bool = False, seed: int = 0):
         self.model = model
         self.layers = layers
         self.layout = layout or Layout()
         self.choose = choose
+        self.seed = [0, seed]  # [0, 0] draws what 0 draws (numpy's SeedSequence pads with zeros)
         self.compensate = compensate and layout is not None
         self.nodes = list(model.graph.node)
         position = {node.name: index for index, node in enumerate(self.nodes)}
@@ -165,7 +167,7 @@ class NetworkStreams:
     def _quantize_graph_inputs(self) -> None:
         for decision in self.layout.produced_in(-1, 0):
             batches = Batches(self.store, self.float_cache[decision.name])
-            rng = np.random.default_rng(0)
+            rng = np.random.default_rng(self.seed)
             samples = [sample_values([batch], self.samples_per_batch, rng) for batch in batches]  # one batch at a time
             quantizer = self.quantizers[decision.name] = self.choose(decision, samples)
             if self.compensate:
@@ -210,7 +212,7 @@ class NetworkStreams:
         # no spinning: between runs the main thread copies and samples the outputs, and the
         # spinning workers would take the cores from it (2 s of 36 on EfficientNet-Lite0 at 256 images)
         session = make_session(segment.model, qdq_fusion=False, spinning=False)
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(self.seed)
         samples = {name: [] for name in segment.outputs if name in sampled}
         kept = {name: [] for name in segment.kept}
         feeds = [segment.coded.get(name, name) for name in segment.inputs]

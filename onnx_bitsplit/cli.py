@@ -167,6 +167,9 @@ def data_options(command):
 @click.option("--sample-rows", default=QuantConfig.sample_rows, show_default=True, type=click.IntRange(min=0),
               help="Patch rows (output positions) each layer's statistics are estimated from, sampled "
                    "uniformly; at least 64 per weight column; 0 uses them all.")
+@click.option("--seed", default=QuantConfig.seed, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the samples drawn (patch rows, activation values): another seed shows how much "
+                   "a result owes to them.")
 @click.option("--batch-size", type=int,
               help="Calibration samples run at once.  [default: about 4 MiB of input]")
 @click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
@@ -182,7 +185,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
                      wbits: int, abits: int, weight_storage: str, first_last_wbits: str, depthwise_wbits: str,
                      layer_bits: tuple[str, ...], exclude: tuple[str, ...], size_budget: float | None, error_compensation: bool, compensation_blend: float,
                      bias_correction: bool, equalization: bool,
-                     iterations: int, damping: float, sample_rows: int, batch_size: int | None, work_dir: Path | None,
+                     iterations: int, damping: float, sample_rows: int, seed: int, batch_size: int | None, work_dir: Path | None,
                      report_path: Path | None, external_data: bool, quiet: bool, verbose: bool, **data_options):
     """Quantize a float ONNX model to a low-bit QDQ model with Bit-Split and Stitching."""
     with _one_line_errors(verbose):
@@ -193,7 +196,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
             layer_wbits=_layer_bits(layer_bits), exclude=exclude, size_budget=size_budget, error_compensation=error_compensation,
             compensation_blend=compensation_blend,
             bias_correction=bias_correction, equalization=equalization,
-            iterations=iterations, damping=damping, sample_rows=sample_rows or None,
+            iterations=iterations, damping=damping, sample_rows=sample_rows or None, seed=seed,
             batch_size=batch_size, calib_count=calib_count, max_memory=data_options["max_memory"],
             work_dir=None if work_dir is None else str(work_dir))
         if input_shapes:

@@ -59,6 +59,9 @@ class QuantConfig:
             groups of a grouped Conv), or of 64 per weight column if that is more; None uses
             every row. Bounds the statistics' cost at any image size and calibration count
             (README, ablation). Defaults to 65536.
+        seed: the seed of the samples a conversion draws (each layer's patch rows, each
+            tensor's values for its quantizer): the same seed gives the same model; other seeds
+            show how much a result owes to the samples (README, Scaling). Defaults to 0.
         batch_size: calibration samples run through onnxruntime at once; None: as many as make
             about 4 MiB of input (calibration.RUN_INPUT_BYTES). Defaults to None.
         calib_count: use at most this many calibration samples. Defaults to 256.
@@ -92,6 +95,7 @@ class QuantConfig:
     iterations: int = 10
     damping: float = 0.3
     sample_rows: int | None = 65536
+    seed: int = 0
     batch_size: int | None = None
     calib_count: int = 256
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -126,6 +130,8 @@ class QuantConfig:
             raise BitsplitError(f"damping must be in [0, 100], got {self.damping}")
         if self.sample_rows is not None and self.sample_rows < 1:
             raise BitsplitError(f"sample_rows must be at least 1, got {self.sample_rows}")
+        if self.seed < 0:
+            raise BitsplitError(f"seed must be 0 or more, got {self.seed}")
         if self.batch_size is not None and self.batch_size < 1:
             raise BitsplitError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.calib_count < 1:

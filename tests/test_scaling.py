@@ -43,6 +43,15 @@ def test_sampled_rows_are_uniform_seeded_and_in_range():
     assert [len(r) for r in sampled_rows(counts, 10**6, seed=3)] == counts  # under the cap: every row
 
 
+def test_the_seed_reproduces_a_conversion_and_another_seed_draws_other_samples():
+    model, feeds = inverted_residual_model(), feeds_for(inverted_residual_model(), 64)
+    config = QuantConfig(batch_size=4, sample_rows=1)  # 64 rows per weight column of 6,400
+    first, again = quantize(model, feeds, config)[0], quantize(model, feeds, config)[0]
+    other = quantize(model, feeds, QuantConfig(batch_size=4, sample_rows=1, seed=1))[0]
+    assert all(np.array_equal(weights(again)[name], value) for name, value in weights(first).items())
+    assert not all(np.array_equal(weights(other)[name], value) for name, value in weights(first).items())
+
+
 def test_a_spilling_conversion_equals_one_in_memory_and_leaves_no_file(tmp_path):
     model = inverted_residual_model()
     feeds = feeds_for(model, 256)

@@ -78,6 +78,7 @@ TECHNIQUES = {
     "all-rows": dict(sample_rows=None),  # statistics over every patch row, not a sample
     "rows128k": dict(sample_rows=131072),
     "iterations5": dict(iterations=5),
+    **{f"seed{seed}": dict(seed=seed) for seed in (1, 2, 3)},  # the default with other samples: the noise
 }
 ABLATIONS = {m.label: m for m in [_ours(f"ec-w{b}-{name}", b, **options)
                                   for b in (4, 3) for name, options in TECHNIQUES.items()]}

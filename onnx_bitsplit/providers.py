@@ -65,7 +65,7 @@ def make_session(model: onnx.ModelProto, *, qdq_fusion: bool = True, spinning: b
             simulation's segments need that, since their weights are float constants that
             onnxruntime would otherwise quantize on its own (tests/test_scaling.py fails then).
         spinning: let onnxruntime's worker threads busy-wait for the next run. Off for sessions
-            whose runs alternate with numpy work, which would share its cores with the spinning.
+            whose runs alternate with numpy work: the spinning threads would hold its cores.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only

@@ -45,7 +45,7 @@ def test_sampled_rows_are_uniform_seeded_and_in_range():
 
 def test_the_seed_reproduces_a_conversion_and_another_seed_draws_other_samples():
     model, feeds = inverted_residual_model(), feeds_for(inverted_residual_model(), 64)
-    config = QuantConfig(batch_size=4, sample_rows=1)  # 64 rows per weight column of 6,400
+    config = QuantConfig(batch_size=4, sample_rows=1)  # the fewest rows: 64 per weight column, of 6,400
     first, again = quantize(model, feeds, config)[0], quantize(model, feeds, config)[0]
     other = quantize(model, feeds, QuantConfig(batch_size=4, sample_rows=1, seed=1))[0]
     assert all(np.array_equal(weights(again)[name], value) for name, value in weights(first).items())

@@ -57,8 +57,8 @@ def conv_patches(x: np.ndarray, geometry: ConvGeometry, rows: np.ndarray | None 
     taps in the padding read `pad_value` (the zero point, for a tensor stored as integers).
 
     The result is a transposed view of a contiguous (g, N, R) array, so that a Gram matrix is one
-    BLAS product per group. It is gathered one kernel tap at a time for all rows at once: a sparse
-    sample of rows straight from x (R·N values read, whatever the image size and however x is
+    BLAS product per group. It is gathered for all rows at once: a sparse sample of rows straight
+    from x one kernel tap at a time (R·N values read, whatever the image size and however x is
     stored), many rows from a channel-major padded copy of the samples they fall in.
     """
     batch, channels, height, width = x.shape
@@ -69,16 +69,21 @@ def conv_patches(x: np.ndarray, geometry: ConvGeometry, rows: np.ndarray | None 
     b, position = np.divmod(rows, out_h * out_w)
     oy, ox = np.divmod(position, out_w)
     (kh, kw), (sh, sw), (dh, dw) = geometry.kernel, geometry.strides, geometry.dilations
-    columns = np.empty((channels, kh * kw, len(rows)), x.dtype)
     if 4 * len(rows) < positions:
-        flat, channel = x.reshape(-1), np.arange(channels)[:, None] * (height * width)
+        columns = np.empty((channels, kh * kw, len(rows)), x.dtype)
+        # x as (C, B·C·H·W - (C-1)·H·W): channel c's value k is x.flat[c·H·W + k], so a tap of all
+        # channels is one fancy index on the second axis, without a (C, R) index array
+        flat = x.reshape(-1)
+        by_channel = np.lib.stride_tricks.as_strided(
+            flat, (channels, flat.size - (channels - 1) * height * width),
+            (height * width * flat.itemsize, flat.itemsize), writeable=False)
         for i in range(kh):
             y = oy * sh + i * dh - top
             for j in range(kw):
                 x_pos = ox * sw + j * dw - left
                 inside = (y >= 0) & (y < height) & (x_pos >= 0) & (x_pos < width)
-                tap = flat[channel + ((b * channels * height + np.clip(y, 0, height - 1)) * width
-                                      + np.clip(x_pos, 0, width - 1))]
+                tap = by_channel[:, (b * channels * height + np.clip(y, 0, height - 1)) * width
+                                 + np.clip(x_pos, 0, width - 1)]
                 tap[:, ~inside] = pad_value
                 columns[:, i * kw + j] = tap
     else:
@@ -91,10 +96,9 @@ def conv_patches(x: np.ndarray, geometry: ConvGeometry, rows: np.ndarray | None 
             padded = np.full((channels, len(x), padded_h, padded_w), pad_value, x.dtype)
             padded[:, :, top:top + height, left:left + width] = x.transpose(1, 0, 2, 3)
             padded = padded.reshape(channels, -1)
-        for i in range(kh):
-            for j in range(kw):
-                columns[:, i * kw + j] = np.take(
-                    padded, (b * padded_h + oy * sh + i * dh) * padded_w + ox * sw + j * dw, axis=1)
+        taps = ((b * padded_h + oy * sh)[None, None] + (np.arange(kh) * dh)[:, None, None]) * padded_w \
+            + (ox * sw)[None, None] + (np.arange(kw) * dw)[None, :, None]  # (kh, kw, R)
+        columns = np.take(padded, taps.reshape(kh * kw, -1), axis=1)  # (C, kh·kw, R), contiguous
     return columns.reshape(geometry.groups, -1, len(rows)).swapaxes(-1, -2)
 
 

@@ -34,6 +34,7 @@ from .errors import BitsplitError, CalibrationError, Terminated, first_line
 from .modelio import load_model
 from .providers import PROVIDERS
 from .report import printable
+from .store import keep_freed_blocks
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -202,6 +203,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
         if input_shapes:
             config = replace(config, input_shapes=_input_shapes(input_path, input_shapes))
         to_stdout = report_path == Path("-")
+        keep_freed_blocks()
         report = _quantize_with_progress(
             input_path, output_path, lambda model: _reader(model, calib, calib_count, data_options, config.input_shapes),
             config, quiet, report_path=None if to_stdout else report_path, external_data=external_data or None,

@@ -34,6 +34,20 @@ except OSError:  # no C library by that name (Windows)
     _LIBC = None
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's malloc.h
+
+
+def keep_freed_blocks() -> None:
+    """Have glibc's malloc (a no-op elsewhere) serve blocks up to 32 MiB from its heap and keep
+    the freed ones there for the next (until BatchStore.release_freed). By default it maps each
+    block of a few MiB afresh and unmaps it when freed, so every batch copied out of onnxruntime
+    faults its pages in again: 0.55 of 1.1 million page faults and 1.3 of 33 s on
+    EfficientNet-Lite0 at 256 images. Process-wide, so the command sets it, not the library."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest
+        _LIBC.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
 class BatchStore:
     """Keeps arrays in memory up to `budget` bytes in all, and the rest in files under `work_dir`
     (None: the system's temporary folder)."""

@@ -43,6 +43,7 @@ from onnx_bitsplit.calibration import PRESETS
 from onnx_bitsplit.errors import BitsplitError
 from onnx_bitsplit.graph import find_layers, prepare, set_input_shapes
 from onnx_bitsplit.providers import open_runner
+from onnx_bitsplit.store import keep_freed_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 INTEGER_OPS = ("QLinear", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantize")
@@ -197,6 +198,7 @@ def _with_peak(function, *args):
 def convert(method: Method, model_path: Path, path: Path, calibration: Calibration, shapes: dict) -> float:
     """Seconds to load, quantize and save (onnxruntime is given the path: it edits a ModelProto
     it is given in place)."""
+    keep_freed_blocks()  # as the command does
     start = time.perf_counter()
     if method.config is not None:
         quantized, _ = quantize(onnx.load(model_path), calibration.reader(), replace(method.config, input_shapes=shapes))

@@ -27,6 +27,7 @@ from .mixed import LayerCost, allocate_bits, storage_bytes
 from .providers import make_session
 from .qdq import WeightQuant, carry_metadata, write_qdq
 from .report import LayerReport, Report, printable
+from .rows import RowConverter
 from .selection import check_overrides, exclude_layers, layer_bits, override
 from .solver import BitSplitSolver, LayerSolution
 from .store import BatchStore
@@ -74,8 +75,10 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
         if not layers:
             raise BitsplitError("--exclude leaves no layer to quantize")
     # the streams' tensors within a quarter of the budget; the rest is for onnxruntime's runs,
-    # the model and the statistics (README, Scaling: peak memory against the budget)
-    with closing(BatchStore(memory_limit(config.max_memory) // 4, config.work_dir)) as store:
+    # the model and the statistics (README, Scaling: peak memory against the budget). Freed
+    # memory is kept for reuse while the process holds less than half of it.
+    budget = memory_limit(config.max_memory)
+    with closing(BatchStore(budget // 4, config.work_dir, trim_above=budget // 2)) as store:
         with phase("calibration"):
             shapes, batches = input_shapes(prepared), []
             fed = {name: set() for name in shapes}
@@ -189,10 +192,12 @@ def _solve_layers(streams: NetworkStreams, weights: dict, bits: list[int], confi
     """
     layers = streams.layers
     solved = []
+    convert = RowConverter()
     for index, layer in enumerate(layers):
         start = time.perf_counter()
         with phase("statistics"):
-            solver = _accumulate(layer, streams, index, weights[layer.weight_name], config.compensation_blend, config)
+            solver = _accumulate(layer, streams, index, weights[layer.weight_name], config.compensation_blend, config,
+                                 convert)
         with phase("solve"):
             solution = solver.solve(bits[index], iterations=config.iterations, damping=config.damping)
         input_scale = streams.quantizers[layer.input_name].scale
@@ -263,12 +268,13 @@ def _sensitivities(model, layers: list[LayerSpec], batches, store: BatchStore, w
     """Each layer's relative output error at each bit width of BUDGET_BITS, solved on float
     inputs (one float pass, a few iterations per solve); none for layers whose bits layer_wbits fixes."""
     streams = NetworkStreams(model, layers, batches, store, compensate=False, keep_inputs=True, seed=config.seed)
+    convert = RowConverter()
     errors = []
     for index, layer in enumerate(layers):
         if override(config, layer) is not None:
             errors.append({})
         else:
-            solver = _accumulate(layer, streams, index, weights[layer.weight_name], 1.0, config)
+            solver = _accumulate(layer, streams, index, weights[layer.weight_name], 1.0, config, convert)
             errors.append({bits: solver.solve(bits, iterations=SENSITIVITY_ITERATIONS, damping=config.damping).rel_error
                            for bits in BUDGET_BITS})
         params = {name: weights[name] for name in (layer.weight_name, layer.bias_name) if name}
@@ -317,7 +323,7 @@ def _budget_bits(model: onnx.ModelProto, prepared: onnx.ModelProto, layout: Layo
 
 
 def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.ndarray,
-                blend: float, config: QuantConfig) -> BitSplitSolver:
+                blend: float, config: QuantConfig, convert: RowConverter) -> BitSplitSolver:
     """A solver holding the layer's statistics over (a seeded sample of, config.sample_rows) the
     patch rows of all calibration batches; X~ is the quantized stream's input, blended with the
     float one by `blend`."""
@@ -338,8 +344,8 @@ def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.nda
             pending.append((layer.patches(xt_batch, piece, x_tilde.zero),
                             layer.patches(x_batch, piece, x.zero) if compensate else None))
             if sum(p[0].shape[1] for p in pending) >= chunk:
-                _add_rows(solver, pending, x_tilde, x, blend)
-    _add_rows(solver, pending, x_tilde, x, blend)
+                _add_rows(solver, pending, x_tilde, x, blend, convert)
+    _add_rows(solver, pending, x_tilde, x, blend, convert)
     return solver
 
 
@@ -356,9 +362,10 @@ def sampled_rows(counts: list[int], limit: int | None, seed: int | list[int]) ->
 
 
 def _add_rows(solver: BitSplitSolver, pending: list[tuple[np.ndarray, np.ndarray | None]], x_tilde: Batches,
-              x: Batches, blend: float) -> None:
+              x: Batches, blend: float, convert: RowConverter) -> None:
     """Fold the pending (X~, X) patch blocks, as stored (X None without error compensation), into
-    the solver as one product, and empty the list. X~ is blended with X by `blend`."""
+    the solver as one product, and empty the list. X~ is blended with X by `blend` (patches are
+    linear in the input: blending the rows blends the inputs)."""
     if not pending:
         return
     def joined(blocks):  # along the rows of the contiguous (g, N, R) arrays the patches are views of,
@@ -366,12 +373,8 @@ def _add_rows(solver: BitSplitSolver, pending: list[tuple[np.ndarray, np.ndarray
             return blocks[0]
         return np.concatenate([block.swapaxes(-1, -2) for block in blocks], axis=2).swapaxes(-1, -2)
 
-    xt_rows = x_tilde.values(joined([p[0] for p in pending]))
-    x_rows = None if pending[0][1] is None else x.values(joined([p[1] for p in pending]))
-    if x_rows is not None and blend < 1:  # patches are linear in the input: blend after gathering
-        xt_rows = blend * xt_rows  # a new array (xt_rows may be a view of a stored batch), then in place
-        xt_rows += (1 - blend) * x_rows
-    solver.add_batch(xt_rows, x_rows)
+    x_rows = None if pending[0][1] is None else joined([p[1] for p in pending])
+    solver.add_batch(*convert(joined([p[0] for p in pending]), x_tilde.quantizer, x_rows, blend))
     pending.clear()
 
 

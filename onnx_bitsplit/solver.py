@@ -244,7 +244,7 @@ def sweep_plane(planeT: np.ndarray, step: float, qT: np.ndarray, HT: np.ndarray,
     and the best ternary B_i[m, n] is clip(round((t - rest) / 2^i), -1, 1), where rest is q[m, n]
     without plane i. H is kept current inside a block of columns and brought up to date for all
     columns by one matrix product per block, over the columns and rows that changed, in float32
-    (`G32`, G's float32 copy: half the time of float64, and H drifts from q G by ~1e-8 relative).
+    (`G32`, G's float32 copy: half the time of float64; H stays qG to float32 precision).
     """
     N, M = qT.shape[1:]
     # (t - rest) / 2^i = B_i[m, n] + (R[m, n] / alpha_m - H[m, n]) / (G[n, n] 2^i)

@@ -48,8 +48,8 @@ def keep_freed_blocks() -> None:
     """Have glibc's malloc (a no-op elsewhere) serve blocks up to 32 MiB from its heap and keep
     the freed ones there for the next (until BatchStore.release_freed). By default it maps each
     block of a few MiB afresh and unmaps it when freed, so every batch copied out of onnxruntime
-    faults its pages in again: 0.55 of 1.1 million page faults and 1.3 of 33 s on
-    EfficientNet-Lite0 at 256 images. Process-wide, so the command sets it, not the library."""
+    faults its pages in again (README, Scaling: page faults and time). Process-wide, so the
+    command sets it, not the library."""
     if _LIBC is not None and hasattr(_LIBC, "mallopt"):
         _LIBC.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest
         _LIBC.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
@@ -98,8 +98,7 @@ class BatchStore:
         """Return freed heap memory to the system (glibc's malloc_trim; a no-op elsewhere) if the
         process holds more than trim_above: tensors of many sizes come and go, and what they
         leave free would otherwise count in the process's memory for the rest of the run. Below
-        that it stays for the next tensors, which would fault fresh pages in instead (2.5 of 30 s
-        on EfficientNet-Lite0 at 256 images, peak 1.60 -> 1.62 GiB)."""
+        that it stays for the next tensors, which would fault fresh pages in instead."""
         if _LIBC is None or not hasattr(_LIBC, "malloc_trim"):
             return
         if self.trim_above is None or resident_bytes() > self.trim_above:

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from onnx_bitsplit.solver import ROW_BLOCK, BitSplitSolver, fwa_init, qmax_of, split, stitch
+from onnx_bitsplit.solver import (BLOCK, ROW_BLOCK, BitSplitSolver, _columns, fwa_init, qmax_of, split, stitch,
+                                  sweep_plane)
 
 
 def correlated_inputs(rng, P=3000, N=48, noise=0.0):
@@ -139,3 +140,24 @@ def test_scales_are_positive_even_where_the_best_fit_flips_the_sign(rng):
     solution = solver.solve(4, damping=0.0)
     assert (solution.alpha > 0).all()
     assert (np.sign(solution.dequantized()) == -np.sign(W)).mean() > 0.8
+
+
+def test_plane_sweeps_keep_H_equal_to_qG(rng):
+    """The sweeps update H = qG in place, block by block in float32 products: after every plane of
+    several sweeps of an 8-bit layer (many changes per column), H is still qG to float32 precision,
+    and q is still the stitched planes."""
+    M, N, bits = 200, 3 * BLOCK + 5, 8
+    x = rng.normal(size=(4000, N)) @ rng.normal(size=(N, N)) / np.sqrt(N)
+    G = (x.T @ x / len(x))[None]
+    W = rng.normal(size=(1, M, N)) * 0.05
+    alpha, q = fwa_init(W, qmax_of(bits))
+    qT = _columns(q)
+    HT = G @ qT
+    targetT = _columns(W @ G) / alpha[:, None, :] + rng.normal(size=qT.shape)  # a target q must move to
+    for _ in range(3):
+        B = split(qT, bits)
+        for i in reversed(range(bits - 1)):
+            sweep_plane(B[i], float(2 ** i), qT, HT, targetT, G, G.astype(np.float32))
+            exact = G @ qT
+            assert np.abs(HT - exact).max() <= 1e-6 * np.abs(exact).max()
+        np.testing.assert_array_equal(stitch(B), qT)

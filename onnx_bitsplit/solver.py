@@ -242,17 +242,18 @@ def sweep_plane(planeT: np.ndarray, step: float, qT: np.ndarray, HT: np.ndarray,
     With the other entries fixed, L_m is a parabola in q[m, n] with its minimum at
         t = q[m, n] + (R[m, n] / alpha_m - H[m, n]) / G[n, n],
     and the best ternary B_i[m, n] is clip(round((t - rest) / 2^i), -1, 1), where rest is q[m, n]
-    without plane i. H is kept current inside a block of columns and brought up to date for all
-    columns by one matrix product per block, over the columns and rows that changed, in float32
-    (`G32`, G's float32 copy: half the time of float64; H stays qG to float32 precision).
+    without plane i. Inside a block of columns that quantity is kept current for the columns
+    ahead as columns change; H is brought up to date for all columns by one matrix product per
+    block, over the columns and rows that changed, in float32 (`G32`, G's float32 copy: half the
+    time of float64; H stays qG to float32 precision).
     """
     N, M = qT.shape[1:]
     # (t - rest) / 2^i = B_i[m, n] + (R[m, n] / alpha_m - H[m, n]) / (G[n, n] 2^i)
     scaled_inverse = 1.0 / (step * np.maximum(np.einsum("gnn->gn", G), 1e-300))
     for start in range(0, N, BLOCK):
         stop = min(start + BLOCK, N)
-        # that quantity for the whole block, kept current as columns change: a change d in
-        # column n moves H[m, k] by G[k, n] d, and the quantity of column k by -G[k, n] d / (G[k, k] 2^i)
+        # that quantity for the block's columns: a change d in column n moves H[m, k] by
+        # G[k, n] d, and so the quantity of column k by -G[k, n] d / (G[k, k] 2^i)
         block_scale = scaled_inverse[:, start:stop, None]
         proposal = planeT[:, start:stop] + (targetT[:, start:stop] - HT[:, start:stop]) * block_scale
         coupling = G[:, start:stop, start:stop] * block_scale

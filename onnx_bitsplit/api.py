@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from contextlib import closing, contextmanager
@@ -30,7 +29,7 @@ from .report import LayerReport, Report, printable
 from .rows import RowConverter
 from .selection import check_overrides, exclude_layers, layer_bits, override
 from .solver import BitSplitSolver, LayerSolution
-from .store import BatchStore
+from .store import BatchStore, peak_rss
 
 PATCH_ELEMENTS = 1 << 22  # patch values built at once per stream: 16 MiB, small enough that
 # malloc reuses the buffer instead of mapping (and page-faulting) fresh memory each time
@@ -212,24 +211,6 @@ def _solve_layers(streams: NetworkStreams, weights: dict, bits: list[int], confi
             solution.rel_error, solution.rtn_rel_error, time.perf_counter() - start))
         progress(index)
     return solved
-
-
-def peak_rss() -> int:
-    """The process's peak resident memory in bytes (0 where the platform does not say).
-
-    On Linux from /proc (VmHWM): getrusage's figure keeps the peak of the process that started
-    this one across exec, so a conversion launched by a large process would report that one's."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        pass
-    try:
-        import resource
-    except ImportError:  # Windows
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def choose_quantizer(decision: TensorQuant, samples: list[np.ndarray], config: QuantConfig) -> tuple[ActivationQuant, float]:

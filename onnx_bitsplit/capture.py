@@ -45,7 +45,13 @@ class Batches(Sequence):
         self.store, self.items, self.quantizer = store, items, quantizer
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return self.values(self.stored(index))
+        """The batch as float32 (integers dequantized, as DequantizeLinear); the statistics
+        convert only the patch rows they take from a batch, in rows.py."""
+        stored = self.stored(index)
+        if self.quantizer is None:
+            return _float32(stored)
+        scale, zero_point = np.float32(self.quantizer.scale), np.float32(self.quantizer.zero_point)
+        return (stored.astype(np.float32) - zero_point) * scale
 
     def stored(self, index: int) -> np.ndarray:
         """The batch as stored (integers, float16 or float32; mapped from disk if spilled): to take
@@ -56,15 +62,6 @@ class Batches(Sequence):
     def zero(self) -> float:
         """What 0 is stored as."""
         return 0 if self.quantizer is None else self.quantizer.zero_point
-
-    def values(self, stored: np.ndarray) -> np.ndarray:
-        """Stored values (all of a batch, or some taken from it) as float32."""
-        if self.quantizer is None:
-            return _float32(stored)
-        values = stored.astype(np.float32)  # then as DequantizeLinear, in place
-        values -= np.float32(self.quantizer.zero_point)
-        values *= np.float32(self.quantizer.scale)
-        return values
 
     def __len__(self) -> int:
         return len(self.items)

@@ -180,6 +180,6 @@ def test_peak_memory_is_the_conversions_own_not_its_launchers():
     import subprocess
     import sys
     ballast = np.ones(1 << 27)  # 1 GiB, touched
-    child = subprocess.run([sys.executable, "-c", "from onnx_bitsplit.api import peak_rss; print(peak_rss())"],
+    child = subprocess.run([sys.executable, "-c", "from onnx_bitsplit.store import peak_rss; print(peak_rss())"],
                            capture_output=True, text=True, check=True)
     assert ballast.sum() > 0 and 0 < int(child.stdout) < 2**29

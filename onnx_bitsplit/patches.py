@@ -99,7 +99,7 @@ def conv_patches(x: np.ndarray, geometry: ConvGeometry, rows: np.ndarray | None 
         taps = ((b * padded_h + oy * sh)[None, None] + (np.arange(kh) * dh)[:, None, None]) * padded_w \
             + (ox * sw)[None, None] + (np.arange(kw) * dw)[None, :, None]  # (kh, kw, R)
         columns = np.take(padded, taps.reshape(kh * kw, -1), axis=1)  # (C, kh·kw, R), contiguous
-    return columns.reshape(geometry.groups, -1, len(rows)).swapaxes(-1, -2)
+    return columns.reshape(geometry.groups, channels // geometry.groups * kh * kw, len(rows)).swapaxes(-1, -2)
 
 
 def conv_positions(shape: tuple[int, ...], geometry: ConvGeometry) -> int:

@@ -76,6 +76,8 @@ def test_patches_of_chosen_rows_are_those_rows_of_all_patches(channels, outputs,
     rows = np.array([0, 5, every.shape[1] // 2, every.shape[1] - 1])
     np.testing.assert_array_equal(conv_patches(x, geometry, rows), every[:, rows])
     np.testing.assert_array_equal(dense_patches(x, rows[:2]), dense_patches(x)[:, rows[:2]])
+    no_rows = np.array([], np.int64)  # a batch the sample takes no row from
+    assert conv_patches(x, geometry, no_rows).shape == (groups, 0, every.shape[2])
 
 
 @pytest.mark.parametrize("rows", [None, np.array([0, 7, 40, 97])])  # every row (a padded copy), a few (gathered)

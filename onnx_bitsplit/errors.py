@@ -1,6 +1,7 @@
-"""User-facing errors: one line that names the culprit."""
+"""User-facing errors: one line that names the culprit; the signals that interrupt a run."""
 
 import signal
+import threading
 
 
 class BitsplitError(Exception):
@@ -26,6 +27,30 @@ class Terminated(BaseException):
     @staticmethod
     def describe(signum: int) -> str:
         return "interrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"
+
+
+class signals_held:
+    """Ctrl-C, SIGTERM and SIGHUP held back until the block ends, then delivered. Blocking them
+    in the main thread is not enough: the process has other threads (numpy's BLAS, onnxruntime's
+    workers), the kernel hands the signal to one of those, and Python runs the handler in the main
+    thread all the same. So for the block the handlers are swapped for one that notes the signal
+    (only the main thread can set handlers, and only it runs them)."""
+
+    SIGNALS = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
+
+    def __enter__(self):
+        self.noted, self.previous = [], {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, lambda signum, frame: self.noted.append(signum))
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        for signum in dict.fromkeys(self.noted):
+            signal.raise_signal(signum)
+        return False
 
 
 def first_line(exc: BaseException) -> str:

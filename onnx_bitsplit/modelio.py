@@ -9,7 +9,6 @@ output under a name it chooses, never at a location taken from a model (cf. CVE-
 from __future__ import annotations
 
 import os
-import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -18,7 +17,7 @@ from pathlib import Path
 import onnx
 from onnx.external_data_helper import load_external_data_for_model, set_external_data
 
-from .errors import BitsplitError, ModelError, first_line
+from .errors import BitsplitError, ModelError, first_line, signals_held
 
 PROTOBUF_LIMIT = 2**31 - 2**24  # a serialized ModelProto must stay under 2 GiB; keep a margin
 EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the weights file
@@ -154,7 +153,7 @@ class OutputFiles:
     def open(self, path: Path):
         """A binary file object for `path`'s temporary file."""
         self.current = path
-        with _signals_held():  # a signal between creating the file and recording it would leave it behind
+        with signals_held():  # a signal between creating the file and recording it would leave it behind
             handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             self.staged.append((Path(temporary), path))
         return os.fdopen(handle, "wb")
@@ -173,33 +172,19 @@ class OutputFiles:
                 mode = 0o666 & ~_umask()  # mkstemp's 0600 is for the temporaries only
                 for temporary, final in self.staged:
                     os.chmod(temporary, mode)
-                with _signals_held():  # all renames or none: a signal waits until they are done
+                with signals_held():  # all renames or none: a signal waits until they are done
                     for index, (temporary, final) in enumerate(self.staged):
                         os.replace(temporary, final)
                         self.staged[index] = (final, final)
         except OSError as exc:
             kind, value = OSError, exc
         finally:
-            with _signals_held():  # a second signal must not cut the clean-up short
+            with signals_held():  # a second signal must not cut the clean-up short
                 for temporary, final in self.staged:
                     if temporary != final:
                         temporary.unlink(missing_ok=True)
         if kind is not None and issubclass(kind, OSError):  # a full disk, a vanished folder
             raise BitsplitError(f"cannot write '{getattr(self, 'current', '?')}': {value.strerror or value}") from None
-        return False
-
-
-class _signals_held:
-    """Ctrl-C, SIGTERM and SIGHUP held back (delivered on exit) where the platform allows it."""
-
-    SIGNALS = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
-
-    def __enter__(self):
-        self.previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS) if hasattr(signal, "pthread_sigmask") else None
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.previous)
         return False
 
 

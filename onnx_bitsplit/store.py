@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import signals_held
+
 
 @dataclass(frozen=True)
 class Spilled:
@@ -95,7 +97,8 @@ class BatchStore:
             self.resident += array.nbytes
             return array
         if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix="onnx-bitsplit-", dir=self.work_dir))
+            with signals_held():  # a signal between making the folder and recording it would leave it behind
+                self.folder = Path(tempfile.mkdtemp(prefix="onnx-bitsplit-", dir=self.work_dir))
         self.files += 1
         path = self.folder / f"{self.files}.npy"
         np.save(path, array)

@@ -1,6 +1,10 @@
 """Bounded cost: sampled statistics, tensors past the memory budget on disk, nothing left behind."""
 
 import json
+import os
+import signal
+import time
+from contextlib import closing
 
 import numpy as np
 import onnx
@@ -75,6 +79,33 @@ def test_the_work_folder_is_removed_when_a_conversion_is_interrupted(tmp_path):
         quantize(model, feeds_for(model, 256), QuantConfig(batch_size=4, max_memory=2**20, work_dir=str(tmp_path)),
                  progress=interrupt)
     assert spilled
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_just_after_the_work_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """As for the output files (test_guarantees.py): the folder exists, the store has not
+    recorded it yet, and the signal reaches the process through one of its other threads."""
+    from onnx_bitsplit import store as store_module
+    from onnx_bitsplit.errors import Terminated
+    real_mkdtemp = store_module.tempfile.mkdtemp
+
+    def mkdtemp_then_signal(*args, **kwargs):
+        made = real_mkdtemp(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # delivered by now
+        return made
+
+    def raise_terminated(signum, frame):
+        raise Terminated(signum)
+
+    monkeypatch.setattr(store_module.tempfile, "mkdtemp", mkdtemp_then_signal)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        with pytest.raises(Terminated):
+            with closing(BatchStore(0, tmp_path)) as store:
+                store.put(np.ones(4))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import signals_held
+from .errors import BitsplitError, signals_held
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,12 @@ class BatchStore:
                 self.folder = Path(tempfile.mkdtemp(prefix="onnx-bitsplit-", dir=self.work_dir))
         self.files += 1
         path = self.folder / f"{self.files}.npy"
-        np.save(path, array)
+        try:
+            np.save(path, array)
+        except OSError as exc:  # a full disk, most likely: say where, and what else can be done
+            raise BitsplitError(f"cannot write tensors past the memory budget to '{self.folder}': "
+                                f"{exc.strerror or exc} (choose a folder with more space, --work-dir, "
+                                "or a larger --max-memory)") from None
         self.spilled_bytes += array.nbytes
         return Spilled(path, array.shape)
 

@@ -5,6 +5,7 @@ import os
 import signal
 import time
 from contextlib import closing
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -133,6 +134,23 @@ def test_the_command_spills_beside_its_output_by_default(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx"]
     stamped = {p.key: p.value for p in onnx.load(out).metadata_props}["onnx-bitsplit.options"]
     assert "work_dir" not in json.loads(stamped) and str(tmp_path) not in stamped  # no local path in a shipped file
+
+
+def test_a_full_disk_while_spilling_is_one_line_naming_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    from onnx_bitsplit import store as store_module
+    from onnx_bitsplit.errors import BitsplitError
+
+    def save_on_a_full_disk(path, array):
+        Path(path).write_bytes(b"\x93NUMPY")  # what a write cut short leaves
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module.np, "save", save_on_a_full_disk)
+    model = inverted_residual_model()
+    with pytest.raises(BitsplitError, match=r"cannot write tensors past the memory budget to '.*onnx-bitsplit-.*': "
+                                            r"No space left on device \(.*--work-dir"):
+        quantize(model, feeds_for(model, 256), QuantConfig(batch_size=4, max_memory=2**20, work_dir=str(tmp_path)))
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("build", [batch_in_constants_model, lambda: fixed_batch(inverted_residual_model())])

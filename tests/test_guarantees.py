@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from graphs import INPUT, calibration_feeds, conv_model, image_model
+from interrupts import sigterm_raises_terminated, then_signalled
 from onnx_bitsplit.cli import check_command, main
 from onnx_bitsplit.errors import Terminated
 
@@ -217,29 +218,12 @@ def test_a_failure_while_writing_leaves_nothing(folder, monkeypatch, failure):
 
 
 def test_a_signal_just_after_a_temporary_file_is_created_leaves_nothing(tmp_path, monkeypatch):
-    """The window tools/fuzz.py once hit: the file exists, OutputFiles has not recorded it yet.
-    The signal goes to the process, whose other threads (numpy's BLAS, onnxruntime's) do not
-    block it: one of them takes it, and Python runs the handler in the main thread."""
+    """The window tools/fuzz.py once hit: the file exists, OutputFiles has not recorded it yet."""
     from onnx_bitsplit import modelio
-    real_mkstemp = modelio.tempfile.mkstemp
-
-    def mkstemp_then_signal(*args, **kwargs):
-        created = real_mkstemp(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)  # handled at once unless held
-        time.sleep(0.05)  # delivered by now, to whichever thread does not block it
-        return created
-
-    def raise_terminated(signum, frame):
-        raise Terminated(signum)
-
-    monkeypatch.setattr(modelio.tempfile, "mkstemp", mkstemp_then_signal)
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        with pytest.raises(Terminated):
-            with modelio.OutputFiles() as files:
-                files.write(tmp_path / "q.onnx", b"model")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.setattr(modelio.tempfile, "mkstemp", then_signalled(modelio.tempfile.mkstemp))
+    with sigterm_raises_terminated(), pytest.raises(Terminated):
+        with modelio.OutputFiles() as files:
+            files.write(tmp_path / "q.onnx", b"model")
     assert list(tmp_path.iterdir()) == []
 
 

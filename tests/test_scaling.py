@@ -1,9 +1,6 @@
 """Bounded cost: sampled statistics, tensors past the memory budget on disk, nothing left behind."""
 
 import json
-import os
-import signal
-import time
 from contextlib import closing
 from pathlib import Path
 
@@ -13,8 +10,10 @@ import onnxruntime as ort
 import pytest
 
 from graphs import batch_in_constants_model, conv_model, feeds_for, inverted_residual_model
+from interrupts import sigterm_raises_terminated, then_signalled
 from onnx_bitsplit import QuantConfig, quantize, quantize_file
 from onnx_bitsplit.api import sampled_rows
+from onnx_bitsplit.errors import Terminated
 from onnx_bitsplit.store import BatchStore, Spilled
 
 
@@ -84,29 +83,12 @@ def test_the_work_folder_is_removed_when_a_conversion_is_interrupted(tmp_path):
 
 
 def test_a_signal_just_after_the_work_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
-    """As for the output files (test_guarantees.py): the folder exists, the store has not
-    recorded it yet, and the signal reaches the process through one of its other threads."""
+    """As for the output files (test_guarantees.py): the folder exists, the store has not recorded it yet."""
     from onnx_bitsplit import store as store_module
-    from onnx_bitsplit.errors import Terminated
-    real_mkdtemp = store_module.tempfile.mkdtemp
-
-    def mkdtemp_then_signal(*args, **kwargs):
-        made = real_mkdtemp(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)  # delivered by now
-        return made
-
-    def raise_terminated(signum, frame):
-        raise Terminated(signum)
-
-    monkeypatch.setattr(store_module.tempfile, "mkdtemp", mkdtemp_then_signal)
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        with pytest.raises(Terminated):
-            with closing(BatchStore(0, tmp_path)) as store:
-                store.put(np.ones(4))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.setattr(store_module.tempfile, "mkdtemp", then_signalled(store_module.tempfile.mkdtemp))
+    with sigterm_raises_terminated(), pytest.raises(Terminated):
+        with closing(BatchStore(0, tmp_path)) as store:
+            store.put(np.ones(4))
     assert list(tmp_path.iterdir()) == []
 
 

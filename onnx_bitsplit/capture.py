@@ -176,30 +176,45 @@ class NetworkStreams:
         quantizers on the quantized stream."""
         produced = self.layout.produced_in(start, stop)
         chosen = {d.name for d in produced if d.shares is None}
+        quantized_runs = self.compensate and quant_params is not None
+        ending = {name for name in self.float_cache if self.last_use.get(name, -1) < stop}
         segment = self._segment(start, stop, float_params, extra_outputs=chosen)
-        samples = self._run(segment, self.float_cache, chosen)
+        # the streams share the lists of tensors they do not quantize: the quantized run reads them last
+        samples = self._run(segment, self.float_cache, chosen, consumed={
+            name for name in ending if not (quantized_runs and self.quant_cache.get(name) is self.float_cache[name])})
         for decision in produced:
             self.quantizers[decision.name] = (
                 self.choose(decision, samples[decision.name]) if decision.shares is None
                 else replace(self.quantizers[decision.shares], tensor_name=decision.name))
-        if self.compensate and quant_params is not None:
+        if quantized_runs:
             segment = self._segment(start, stop, quant_params,
                                     quantizers=[self.quantizers[d.name] for d in produced])
-            self._run(segment, self.quant_cache)
+            self._run(segment, self.quant_cache, consumed={
+                name for name in self.quant_cache if self.last_use.get(name, -1) < stop})
         finished = {}  # by identity: the streams share the lists of tensors they do not quantize
         for cache in (self.float_cache, self.quant_cache) if self.compensate else (self.float_cache,):
             for name in [n for n in cache if self.last_use.get(n, -1) < stop]:
                 items = cache.pop(name)
                 finished[id(items)] = items
-        for key, items in finished.items():
-            if key not in self.borrowed:
-                for item in items:
-                    self.store.drop(item)
+        for items in finished.values():
+            self._drop(items)
         self.store.release_freed()
 
-    def _run(self, segment: Segment, cache: dict[str, list[Stored]], sampled: set[str] = frozenset()
-             ) -> dict[str, list[np.ndarray]]:
+    def _drop(self, items: list[Stored | None], index: int | None = None) -> None:
+        """Forget the batches of a finished tensor (`index`: that one only), unless they are
+        borrowed (keep_inputs); a dropped batch is None in its list."""
+        if id(items) in self.borrowed:
+            return
+        for i in range(len(items)) if index is None else [index]:
+            if items[i] is not None:
+                self.store.drop(items[i])
+                items[i] = None
+
+    def _run(self, segment: Segment, cache: dict[str, list[Stored]], sampled: set[str] = frozenset(),
+             consumed: set[str] = frozenset()) -> dict[str, list[np.ndarray]]:
         """Run the segment on every batch; keep what later nodes read in `cache` (in the store).
+        The inputs in `consumed` (no later run reads them) are dropped batch by batch once read:
+        the memory they held takes the outputs, which would otherwise go to disk.
 
         Returns:
             for each output in `sampled`, a sample of its values from every batch (sample_values).
@@ -217,6 +232,8 @@ class NetworkStreams:
             results = self._run_batch(session, segment.fetches, {feed: self.store.get(cache[name][i])
                                                                  for feed, name in zip(feeds, segment.inputs)},
                                       segment.start)
+            for name in consumed.intersection(segment.inputs):
+                self._drop(cache[name], i)
             for name, fetch, result in zip(segment.outputs, segment.fetches, results):
                 if name in samples and fetch == name:
                     samples[name].append(sample_values([result], self.samples_per_batch, rng))
@@ -315,10 +332,11 @@ class NetworkStreams:
         info = self.value_infos.get(name)
         if info is not None and info.type.tensor_type.elem_type:
             return helper.make_tensor_value_info(name, info.type.tensor_type.elem_type, None)
-        if typed:
-            cached = self.float_cache.get(name)
-            if cached:
-                dtype = self.store.get(cached[0]).dtype
+        if typed:  # a stream may have dropped the batches it read last (_run's consumed)
+            cached = next((items[0] for items in (self.float_cache.get(name), self.quant_cache.get(name))
+                           if items and items[0] is not None), None)
+            if cached is not None:
+                dtype = self.store.get(cached).dtype
                 return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), None)
             graph_input = next((i for i in self.model.graph.input if i.name == name), None)
             if graph_input is not None:

@@ -67,6 +67,16 @@ def test_a_spilling_conversion_equals_one_in_memory_and_leaves_no_file(tmp_path)
         np.testing.assert_array_equal(weights(spilled)[name], value, err_msg=name)
 
 
+def test_a_batch_read_for_the_last_time_makes_room_for_the_outputs(tmp_path):
+    """A segment drops each batch it is the last to read as soon as it has read it: the memory
+    goes to its outputs. This chain then fits in a quarter of 2 MiB (about its input and one
+    layer's outputs in both networks); dropped after the whole segment, 294,912 bytes spilled."""
+    model = conv_model()
+    _, report = quantize(model, feeds_for(model, 64), QuantConfig(batch_size=4, max_memory=2 * 2**20,
+                                                                  work_dir=str(tmp_path)))
+    assert report.spilled_bytes == 0
+
+
 def test_the_work_folder_is_removed_when_a_conversion_is_interrupted(tmp_path):
     model = inverted_residual_model()
     spilled = []

@@ -168,7 +168,8 @@ class NetworkStreams:
             samples = [sample_values([batch], self.samples_per_batch, rng) for batch in batches]  # one batch at a time
             quantizer = self.quantizers[decision.name] = self.choose(decision, samples)
             if self.compensate:
-                self.quant_cache[decision.name] = [self.store.put(_integers(b, quantizer)) for b in batches]
+                until = self.last_use.get(decision.name)
+                self.quant_cache[decision.name] = [self.store.put(_integers(b, quantizer), until) for b in batches]
 
     def _run_segment(self, start: int, stop: int, float_params: dict, quant_params: dict | None) -> None:
         """Nodes [start, stop) on the float stream, the quantizers of the tensors they produce
@@ -240,7 +241,7 @@ class NetworkStreams:
                 if name in kept and fetch == segment.coded.get(name, name):
                     # a copy: onnxruntime's outputs live in its session's memory, which they keep
                     # resident (0.5 GiB more peak on 48 samples of the 640x640 detector)
-                    kept[name].append(self.store.put(np.array(result)))
+                    kept[name].append(self.store.put(np.array(result), until=self.last_use[name]))
         cache.update(kept)
         return samples
 

@@ -1,21 +1,22 @@
 """Batches of stream tensors within a memory budget (numpy only).
 
-The two streams cache every tensor at the frontier for the whole calibration set: at 640x640
-that is gigabytes. Batches are kept in memory while their total stays within the budget; the
-rest go to .npy files in a work folder and are mapped back when read (a sample of patch rows
-then reads only the pages it touches). The folder is made on the first spill and removed by
-close(), which quantize() calls on every exit, errors and signals included.
+The two streams cache every tensor at the frontier for the whole calibration set: at 640x640 that is
+gigabytes. Batches are kept in memory while their total stays within the budget, those needed
+soonest first; the rest go to .npy files in a work folder and are mapped back when read (a sample of
+patch rows then reads only the pages it touches). The folder is made on the first spill and removed
+by close(), which quantize() calls on every exit, errors and signals included.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import heapq
+import itertools
 import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +24,18 @@ import numpy as np
 from .errors import BitsplitError, signals_held
 
 
-@dataclass(frozen=True)
-class Spilled:
-    """A batch written to disk."""
+class Stored:
+    """An array in the store: in memory (`array`) or in a file (`path`), which the store may
+    change (BatchStore.put evicts). `until` is when it is last needed (any increasing count, e.g.
+    the index of the last node that reads it; None: not to be evicted)."""
 
-    path: Path
-    shape: tuple[int, ...]
+    __slots__ = ("array", "path", "shape", "nbytes", "until")
+
+    def __init__(self, array: np.ndarray, until: int | None):
+        self.array, self.path = array, None
+        self.shape, self.nbytes, self.until = array.shape, array.nbytes, until
 
 
-Stored = np.ndarray | Spilled
 try:
     _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 except OSError:  # no C library by that name (Windows)
@@ -87,39 +91,65 @@ class BatchStore:
         self.trim_above = trim_above
         self.folder: Path | None = None
         self.resident = 0
+        self.evictable: list[tuple[int, int, Stored]] = []  # a heap: the resident arrays needed last first
+        self.order = itertools.count()  # ties in the heap: by age, never by comparing arrays
         self.spilled_bytes = 0
         self.files = 0
 
-    def put(self, array: np.ndarray) -> Stored:
-        """The array, kept in memory or written to a file."""
-        array = np.ascontiguousarray(array)
-        if self.resident + array.nbytes <= self.budget:
-            self.resident += array.nbytes
-            return array
+    def put(self, array: np.ndarray, until: int | None = None) -> Stored:
+        """The array, kept in memory or written to a file. When memory is full, arrays needed
+        later than this one (their `until`) go to files first, the one needed last first: memory
+        then serves arrays that are soon read and dropped, and fewer bytes go through the disk."""
+        item = Stored(np.ascontiguousarray(array), until)
+        if until is not None:
+            self._evict(item.nbytes, until)
+        if self.resident + item.nbytes <= self.budget:
+            self.resident += item.nbytes
+            if until is not None:
+                heapq.heappush(self.evictable, (-until, next(self.order), item))
+        else:
+            self._write(item)
+        return item
+
+    def _evict(self, needed: int, until: int) -> None:
+        """Write arrays needed after `until` to files, last needed first, until `needed` bytes fit."""
+        while self.resident + needed > self.budget and self.evictable:
+            later, _, item = self.evictable[0]
+            if item.array is None or item.path is not None:  # dropped or written since
+                heapq.heappop(self.evictable)
+                continue
+            if -later <= until:
+                return
+            heapq.heappop(self.evictable)
+            self.resident -= item.nbytes
+            self._write(item)
+
+    def _write(self, item: Stored) -> None:
         if self.folder is None:
             with signals_held():  # a signal between making the folder and recording it would leave it behind
                 self.folder = Path(tempfile.mkdtemp(prefix="onnx-bitsplit-", dir=self.work_dir))
         self.files += 1
         path = self.folder / f"{self.files}.npy"
         try:
-            np.save(path, array)
+            np.save(path, item.array)
         except OSError as exc:  # a full disk, most likely: say where, and what else can be done
             raise BitsplitError(f"cannot write tensors past the memory budget to '{self.folder}': "
                                 f"{exc.strerror or exc} (choose a folder with more space, --work-dir, "
                                 "or a larger --max-memory)") from None
-        self.spilled_bytes += array.nbytes
-        return Spilled(path, array.shape)
+        item.array, item.path = None, path
+        self.spilled_bytes += item.nbytes
 
     @staticmethod
     def get(item: Stored) -> np.ndarray:
-        return np.load(item.path, mmap_mode="r") if isinstance(item, Spilled) else item
+        return item.array if item.path is None else np.load(item.path, mmap_mode="r")
 
     def drop(self, item: Stored) -> None:
-        """Forget a batch: its memory counts no more, its file is deleted."""
-        if isinstance(item, Spilled):
+        """Forget an array: its memory counts no more, its file is deleted."""
+        if item.path is not None:
             item.path.unlink(missing_ok=True)
-        else:
+        elif item.array is not None:
             self.resident -= item.nbytes
+        item.array = None
 
     def release_freed(self) -> None:
         """Return freed heap memory to the system (glibc's malloc_trim; a no-op elsewhere) if the

@@ -14,7 +14,7 @@ from interrupts import sigterm_raises_terminated, then_signalled
 from onnx_bitsplit import QuantConfig, quantize, quantize_file
 from onnx_bitsplit.api import sampled_rows
 from onnx_bitsplit.errors import Terminated
-from onnx_bitsplit.store import BatchStore, Spilled
+from onnx_bitsplit.store import BatchStore
 
 
 def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -25,7 +25,7 @@ def test_store_keeps_arrays_within_its_budget_and_the_rest_on_disk(tmp_path):
     store = BatchStore(budget=1000, work_dir=tmp_path)
     small, large = np.arange(100, dtype=np.float32), np.arange(1000, dtype=np.float32)
     kept, spilled = store.put(small), store.put(large)
-    assert isinstance(kept, np.ndarray) and isinstance(spilled, Spilled) and spilled.shape == (1000,)
+    assert kept.path is None and spilled.path.exists() and spilled.shape == (1000,)
     np.testing.assert_array_equal(store.get(spilled), large)
     assert store.resident == 400 and store.spilled_bytes == 4000
     store.drop(spilled)
@@ -90,6 +90,24 @@ def test_the_work_folder_is_removed_when_a_conversion_is_interrupted(tmp_path):
                  progress=interrupt)
     assert spilled
     assert list(tmp_path.iterdir()) == []
+
+
+def test_when_memory_is_full_the_array_needed_last_goes_to_disk(tmp_path):
+    """Arrays needed later than the one put (their `until`) are written out first, the latest
+    first; an array needed no sooner than every resident one is written itself."""
+    store = BatchStore(budget=2000, work_dir=tmp_path)
+    arrays = [np.full(250, value, np.float32) for value in range(4)]  # 1000 bytes each
+    late, soon = store.put(arrays[0], until=10), store.put(arrays[1], until=5)
+    sooner = store.put(arrays[2], until=3)
+    assert late.path is not None and soon.path is None and sooner.path is None
+    last = store.put(arrays[3], until=7)
+    assert last.path is not None and soon.path is None and store.resident == 2000
+    for item, array in zip((late, soon, sooner, last), arrays):
+        np.testing.assert_array_equal(store.get(item), array)
+    assert store.spilled_bytes == 2000
+    store.drop(soon)
+    assert store.put(arrays[1], until=1).path is None  # the memory it held is free again
+    store.close()
 
 
 def test_a_signal_just_after_the_work_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
@@ -178,6 +196,7 @@ def streams_past_the_first_layer():
     store = BatchStore(2**30)
     batches = [{name: store.put(value) for name, value in feed.items()} for feed in feeds_for(model, 8, sizes=[12])]
     streams = NetworkStreams(model, layers, batches, store, layout=plan_layout(model, layers), compensate=True,
+                             keep_inputs=True,  # the tests read the inputs again
                              choose=lambda decision, values: choose_quantizer(decision, values, QuantConfig())[0])
     params = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
               if t.name in (layers[0].weight_name, layers[0].bias_name)}

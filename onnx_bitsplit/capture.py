@@ -178,11 +178,15 @@ class NetworkStreams:
         produced = self.layout.produced_in(start, stop)
         chosen = {d.name for d in produced if d.shares is None}
         quantized_runs = self.compensate and quant_params is not None
-        ending = {name for name in self.float_cache if self.last_use.get(name, -1) < stop}
+
+        def ending(cache):  # the tensors no node from `stop` on reads
+            return [name for name in cache if self.last_use.get(name, -1) < stop]
+
         segment = self._segment(start, stop, float_params, extra_outputs=chosen)
         # the streams share the lists of tensors they do not quantize: the quantized run reads them last
         samples = self._run(segment, self.float_cache, chosen, consumed={
-            name for name in ending if not (quantized_runs and self.quant_cache.get(name) is self.float_cache[name])})
+            name for name in ending(self.float_cache)
+            if not (quantized_runs and self.quant_cache.get(name) is self.float_cache[name])})
         for decision in produced:
             self.quantizers[decision.name] = (
                 self.choose(decision, samples[decision.name]) if decision.shares is None
@@ -190,11 +194,10 @@ class NetworkStreams:
         if quantized_runs:
             segment = self._segment(start, stop, quant_params,
                                     quantizers=[self.quantizers[d.name] for d in produced])
-            self._run(segment, self.quant_cache, consumed={
-                name for name in self.quant_cache if self.last_use.get(name, -1) < stop})
+            self._run(segment, self.quant_cache, consumed=set(ending(self.quant_cache)))
         finished = {}  # by identity: the streams share the lists of tensors they do not quantize
         for cache in (self.float_cache, self.quant_cache) if self.compensate else (self.float_cache,):
-            for name in [n for n in cache if self.last_use.get(n, -1) < stop]:
+            for name in ending(cache):
                 items = cache.pop(name)
                 finished[id(items)] = items
         for items in finished.values():

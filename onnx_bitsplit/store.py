@@ -26,14 +26,13 @@ from .errors import BitsplitError, signals_held
 
 class Stored:
     """An array in the store: in memory (`array`) or in a file (`path`), which the store may
-    change (BatchStore.put evicts). `until` is when it is last needed (any increasing count, e.g.
-    the index of the last node that reads it; None: not to be evicted)."""
+    change (BatchStore.put evicts)."""
 
-    __slots__ = ("array", "path", "shape", "nbytes", "until")
+    __slots__ = ("array", "path", "shape", "nbytes")
 
-    def __init__(self, array: np.ndarray, until: int | None):
+    def __init__(self, array: np.ndarray):
         self.array, self.path = array, None
-        self.shape, self.nbytes, self.until = array.shape, array.nbytes, until
+        self.shape, self.nbytes = array.shape, array.nbytes
 
 
 try:
@@ -93,14 +92,17 @@ class BatchStore:
         self.resident = 0
         self.evictable: list[tuple[int, int, Stored]] = []  # a heap: the resident arrays needed last first
         self.order = itertools.count()  # ties in the heap: by age, never by comparing arrays
+        self.dropped = 0  # resident arrays dropped since the heap was last cleared of them
         self.spilled_bytes = 0
         self.files = 0
 
     def put(self, array: np.ndarray, until: int | None = None) -> Stored:
-        """The array, kept in memory or written to a file. When memory is full, arrays needed
-        later than this one (their `until`) go to files first, the one needed last first: memory
-        then serves arrays that are soon read and dropped, and fewer bytes go through the disk."""
-        item = Stored(np.ascontiguousarray(array), until)
+        """The array, kept in memory or written to a file. `until` is when it is last needed (any
+        increasing count, e.g. the index of the last node that reads it; None: never evicted).
+        When memory is full, arrays needed later than this one go to files first, the one needed
+        last first: memory then serves arrays that are soon read and dropped, and fewer bytes go
+        through the disk."""
+        item = Stored(np.ascontiguousarray(array))
         if until is not None:
             self._evict(item.nbytes, until)
         if self.resident + item.nbytes <= self.budget:
@@ -149,7 +151,12 @@ class BatchStore:
             item.path.unlink(missing_ok=True)
         elif item.array is not None:
             self.resident -= item.nbytes
+            self.dropped += 1
         item.array = None
+        if self.dropped > len(self.evictable) // 2:  # the heap would grow with every array ever kept
+            self.evictable = [entry for entry in self.evictable if entry[2].array is not None and entry[2].path is None]
+            heapq.heapify(self.evictable)
+            self.dropped = 0
 
     def release_freed(self) -> None:
         """Return freed heap memory to the system (glibc's malloc_trim; a no-op elsewhere) if the

@@ -110,6 +110,13 @@ def test_when_memory_is_full_the_array_needed_last_goes_to_disk(tmp_path):
     store.close()
 
 
+def test_the_stores_bookkeeping_does_not_grow_with_the_arrays_it_has_held():
+    store = BatchStore(budget=10**6)
+    for until in range(1000):
+        store.drop(store.put(np.ones(10), until))
+    assert store.resident == 0 and len(store.evictable) <= 2
+
+
 def test_a_signal_just_after_the_work_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
     """As for the output files (test_guarantees.py): the folder exists, the store has not recorded it yet."""
     from onnx_bitsplit import store as store_module

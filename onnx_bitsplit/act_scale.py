@@ -1,30 +1,59 @@
-"""Per-tensor activation scales: the MSE-optimal alternating iteration (numpy only).
+"""Per-tensor activation quantizers: the MSE-optimal alternating iteration, and the choice of a
+tensor's quantizer from samples of its values (numpy only).
 
-Symmetric quantizers have zero point 0 (int8 for signed tensors, uint8 for non-negative ones);
-affine ones are uint8 with a zero point, for tensors that are mostly of one sign.
+Every quantizer is unsigned (qdq_format): non-negative tensors get zero point 0 and an MSE-optimal
+scale, signed ones an MSE-optimal range with a zero point, graph outputs their whole calibration
+range, operators with a bounded output (Sigmoid, Tanh...) exactly that range.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+from .errors import ModelError
+from .qdq_format import ActivationQuant, fake_quant, quant_range, round_to_grid
+
+if TYPE_CHECKING:
+    from .layout import TensorQuant
 
 MAX_SAMPLES = 1 << 18  # values a scale is searched on (sample_values)
 GRID_POINTS = 21  # starting scales tried by mse_scale ...
 GRID_SAMPLES = 1 << 16  # ... each on this many of the values
 AFFINE_GRID_POINTS = 9  # shrinks of each end of [min, max] tried by mse_affine
+MIN_RANGE = 1e-4  # the narrowest float range of an activation quantizer: QNN refuses narrower ones
 
 
-def quant_range(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer range of QuantizeLinear with zero point 0: int8 [-128, 127], uint8 [0, 255]."""
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+def choose_quantizer(decision: TensorQuant, samples: list[np.ndarray], bits: int) -> tuple[ActivationQuant, float]:
+    """The per-tensor quantizer of a tensor, by the MSE criterion on samples of its values
+    (sample_values, taken batch by batch as the streams run; their extremes included).
 
-
-def fake_quant(x: np.ndarray, scale: float, bits: int, signed: bool, zero_point: int = 0) -> np.ndarray:
-    """DequantizeLinear(QuantizeLinear(x)); rounding half to even, as ONNX."""
-    low, high = quant_range(bits, signed)
-    scale = np.float32(scale)
-    q = np.clip(np.rint(x / scale) + zero_point, low, high)
-    return ((q - zero_point) * scale).astype(np.float32)
+    Returns:
+        (the quantizer, its relative error ||x - Q(x)||² / ||x||² on the values it was chosen on).
+    """
+    values = np.concatenate([sample.ravel() for sample in samples])
+    if not np.isfinite(values).all():
+        raise ModelError(f"tensor '{decision.name}' has NaN or infinite values on the calibration data")
+    levels = quant_range(bits, signed=False)[1]
+    zero_point = 0
+    if decision.fixed_range is not None:
+        low, high = decision.fixed_range
+        scale = (high - low) / (levels + 1)  # 1/256 for [0, 1], as QNN and onnxruntime's quantizer
+        zero_point = round(-low / scale)
+    elif decision.full_range:
+        scale, zero_point = minmax_affine(values, bits)
+    elif decision.signed:
+        scale, zero_point = mse_affine(values, bits)
+    else:
+        scale = mse_scale(values, bits, signed=False)
+        if decision.upper_bound is not None:  # saturate where the Clip does
+            scale = min(scale, decision.upper_bound / levels)
+    if scale * levels < MIN_RANGE:  # a constant or all-zero tensor
+        scale = MIN_RANGE / levels
+    quantizer = ActivationQuant(decision.name, scale, zero_point, bits)
+    residual = values - fake_quant(values, quantizer)
+    return quantizer, float(residual @ residual / max(values @ values, 1e-30))
 
 
 def sample_values(batches: list[np.ndarray], limit: int = MAX_SAMPLES,
@@ -56,7 +85,7 @@ def mse_scale(values: np.ndarray, bits: int, signed: bool, iterations: int = 30)
     coarse = x[:: max(1, x.size // GRID_SAMPLES)]
     scale = min(grid, key=lambda s: _error(coarse, s, low, high))
     for _ in range(iterations):
-        q = np.clip(np.rint(x / scale), low, high)
+        q = round_to_grid(x, scale, 0, low, high)
         qq = q @ q
         new_scale = (x @ q) / qq if qq > 0 else scale
         if abs(new_scale - scale) <= 1e-7 * scale:
@@ -82,7 +111,7 @@ def mse_affine(values: np.ndarray, bits: int, iterations: int = 30) -> tuple[flo
                   for a in shrinks for b in shrinks]
     scale, zero_point = min(candidates, key=lambda c: _error(coarse, c[0], low, high, c[1]))
     for _ in range(iterations):
-        q = np.clip(np.rint(x / scale) + zero_point, low, high) - zero_point
+        q = round_to_grid(x, scale, zero_point, low, high) - zero_point
         qq = q @ q
         new_scale = (x @ q) / qq if qq > 0 else scale
         if abs(new_scale - scale) <= 1e-7 * scale:
@@ -102,5 +131,5 @@ def minmax_affine(values: np.ndarray, bits: int) -> tuple[float, int]:
 
 
 def _error(x: np.ndarray, scale: float, low: int, high: int, zero_point: int = 0) -> float:
-    residual = x - (np.clip(np.rint(x / scale) + zero_point, low, high) - zero_point) * scale
+    residual = x - (round_to_grid(x, scale, zero_point, low, high) - zero_point) * scale
     return float(residual @ residual)

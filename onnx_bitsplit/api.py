@@ -6,40 +6,36 @@ import json
 import os
 import time
 from collections.abc import Callable
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .act_scale import fake_quant, minmax_affine, mse_affine, mse_scale, quant_range
-from .calibration import as_feeds, batch_feeds, input_shapes, sample_count, single_shape_inputs
-from .capture import Batches, NetworkStreams
+from .act_scale import choose_quantizer
+from .calibration import as_feeds, batch_feeds, sample_count, single_shape_inputs
+from .capture import Chooser, NetworkStreams
 from .config import QuantConfig, memory_limit
 from .equalize import equalize
 from .errors import BitsplitError, ModelError
-from .graph import LayerSpec, find_layers, prepare
-from .layout import ActivationQuant, Layout, TensorQuant, plan_layout
+from .graph import LayerSpec, find_layers, layer_work, prepare
+from .layout import plan_layout
+from .memory import peak_rss
+from .mixed import budget_bits, measure_sensitivities
 from .modelio import OutputFiles, check_output_paths, load_model, model_files, save_model, weights_path
-from .mixed import LayerCost, allocate_bits, storage_bytes
 from .providers import make_session
-from .qdq import WeightQuant, carry_metadata, write_qdq
-from .report import LayerReport, Report, printable
+from .qdq import bytes_besides_weights, carry_metadata, write_qdq
+from .report import LayerReport, PhaseClock, Report, printable
 from .rows import RowConverter
-from .selection import check_overrides, exclude_layers, layer_bits, override
-from .solver import BitSplitSolver, LayerSolution
-from .store import BatchStore, peak_rss
-
-PATCH_ELEMENTS = 1 << 22  # patch values built at once per stream: 16 MiB, small enough that
-# malloc reuses the buffer instead of mapping (and page-faulting) fresh memory each time
-ROWS_PER_WIDTH = 64  # sampled patch rows per weight column at least (an N x N Gram needs rows >> N)
+from .selection import check_overrides, exclude_layers, layer_bits
+from .shapes import input_shapes
+from .statistics import layer_statistics
+from .store import BatchStore
+from .weights import WeightQuant, weight_quant
 
 Progress = Callable[[str, int, int, str], None]
-BUDGET_BITS = (4, 8)  # INT4 holds 2 to 4 bits at one cost, INT8 5 to 8: a byte budget picks from these
-SENSITIVITY_ITERATIONS = 3
-INT32_BIAS_LIMIT = 2**31 - 2**10  # largest |bias| in units of its grid, with room for float32 rounding
-MIN_RANGE = 1e-4  # the narrowest float range of an activation quantizer
+METHOD = "Bit-Split and Stitching (Wang et al., ICML 2020)"
 
 
 def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: QuantConfig | None = None, *,
@@ -59,81 +55,49 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
         (the quantized model, the Report of what was done).
     """
     config = config or QuantConfig()
+    memory = memory_limit(config.max_memory)
     if not isinstance(model, onnx.ModelProto):
-        model = load_model(model, max_bytes=memory_limit(config.max_memory))
-    report = Report(activation_bits=config.abits, options=asdict(config))
-    phase = _Clock(report.phase_seconds)
-    with phase("prepare"):
-        prepared = prepare(model, config.input_shapes, max_bytes=memory_limit(config.max_memory))
-        layers, report.skipped = find_layers(prepared)
-        if not layers:
-            raise ModelError("the model has no Conv, Gemm or MatMul with a constant weight to quantize")
-        layers, excluded = exclude_layers(layers, config.exclude)
-        check_overrides(config, layers)
-        report.skipped += excluded
-        if not layers:
-            raise BitsplitError("--exclude leaves no layer to quantize")
-    # the streams' tensors within a quarter of the budget; the rest is for onnxruntime's runs,
-    # the model and the statistics (README, Scaling: peak memory against the budget). Freed
-    # memory is kept for reuse while the process holds less than half of it.
-    budget = memory_limit(config.max_memory)
-    with closing(BatchStore(budget // 4, config.work_dir, trim_above=budget // 2)) as store:
-        with phase("calibration"):
-            shapes, batches = input_shapes(prepared), []
-            fed = {name: set() for name in shapes}
-            for batch in batch_feeds(as_feeds(calibration), shapes, batch_size=config.batch_size,
-                                     count=config.calib_count, join_fixed=True):
-                for name, value in batch.items():
-                    fed[name].add(value.shape[1:])
-                batches.append({name: store.put(value) for name, value in batch.items()})
-            report.calibration_samples = sample_count(batches)
-            report.warnings += [
-                f"input '{printable(name)}' has a dynamic size and was calibrated at one only "
-                f"({'x'.join(map(str, shape))}): activation ranges at other sizes are not covered; "
-                "calibrate at the sizes it will run at (--input-size, repeatable) or fix it (--input-shape)"
-                for name, shape in single_shape_inputs(shapes, fed).items()]
+        model = load_model(model, max_bytes=memory)
+    clock = PhaseClock()
+    with clock("prepare"):
+        prepared, layers, skipped = _prepare(model, config, memory)
+    with closing(BatchStore.within(memory, config.work_dir)) as store:
+        with clock("calibration"):
+            batches, warnings = _calibration_batches(calibration, prepared, store, config)
+        equalized = []
         if config.equalization:
-            with phase("equalization"):
-                prepared, report.equalized = equalize(prepared, {layer.name for layer in layers}, [
-                    {name: store.get(item) for name, item in batch.items()} for batch in batches])
-                names = {layer.name for layer in layers}
-                layers = [layer for layer in find_layers(prepared)[0] if layer.name in names]
+            with clock("equalization"):
+                prepared, layers, equalized = _equalize(prepared, layers, batches, store)
         layout = plan_layout(prepared, layers)
         weights = {t.name: onnx.numpy_helper.to_array(t) for t in prepared.graph.initializer}
         bits = [layer_bits(config, layers, index) for index in range(len(layers))]
+        sensitivity = reasons = None
         if config.size_budget is not None:
-            with phase("sensitivity"):
-                sensitivity = _sensitivities(prepared, layers, batches, store, weights, config,
-                                             _reporter(progress, "sensitivity", prepared, layers))
-                bits, reasons = _budget_bits(model, prepared, layout, layers, weights, sensitivity, config)
-
-        def choose(decision: TensorQuant, values: list[np.ndarray]) -> ActivationQuant:
-            with phase("activation_scales"):
-                quantizer, report.activations[decision.name] = choose_quantizer(decision, values, config)
-            return quantizer
-
-        with phase("capture"):
-            streams = NetworkStreams(prepared, layers, batches, store, layout=layout, choose=choose,
-                                     compensate=config.error_compensation, seed=config.seed)
-        solved = _solve_layers(streams, weights, bits, config, report, phase, _reporter(progress, "layers", prepared, layers))
-        if config.size_budget is not None:
-            report.layers = [replace(layer, sensitivity=errors, reason=reason)
-                             for layer, errors, reason in zip(report.layers, sensitivity, reasons)]
-        with phase("write"):
+            with clock("sensitivity"):
+                sensitivity = measure_sensitivities(prepared, layers, batches, store, weights, config,
+                                                    _reporter(progress, "sensitivity", prepared, layers))
+                weight_budget = int(config.size_budget * model.ByteSize()) - bytes_besides_weights(
+                    prepared, layout, layers, weight_storage=config.weight_storage)
+                bits, reasons = budget_bits(layers, sensitivity, config, weight_budget)
+        activations: dict[str, float] = {}
+        with clock("capture"):
+            streams = NetworkStreams(prepared, layers, batches, store, layout=layout, seed=config.seed,
+                                     choose=_chooser(config.abits, clock, activations),
+                                     compensate=config.error_compensation)
+        solved, layer_reports = _solve_layers(streams, weights, bits, config, clock,
+                                              _reporter(progress, "layers", prepared, layers))
+        with clock("write"):
             quantized = write_qdq(prepared, layout, solved, streams.quantizers, weight_storage=config.weight_storage)
-            carry_metadata(model, quantized, keep_output_types=not config.input_shapes, stamp={
-                "method": "Bit-Split and Stitching (Wang et al., ICML 2020)",
-                "layer_bits": json.dumps({layer.name: layer.bits for layer in report.layers}),
-                "calibration_samples": str(report.calibration_samples),
-                "options": json.dumps({key: value for key, value in asdict(config).items()
-                                       if key != "work_dir"}, sort_keys=True)})  # no local paths in a shipped file
-            try:  # the promise is a model onnxruntime runs: keep it even for odd inputs
-                make_session(quantized)
-            except Exception as exc:
-                raise ModelError(f"the quantized model does not load in onnxruntime: {str(exc).strip()[:300]}") from None
-        report.spilled_bytes = store.spilled_bytes
-    report.float_bytes, report.quant_bytes = model.ByteSize(), quantized.ByteSize()
-    report.peak_rss_bytes = peak_rss()
+            _stamp(model, quantized, config, layer_reports, sample_count(batches))
+            _check_loads(quantized)
+        spilled_bytes = store.spilled_bytes
+    if sensitivity is not None:
+        layer_reports = [replace(layer, sensitivity=errors, reason=reason)
+                         for layer, errors, reason in zip(layer_reports, sensitivity, reasons)]
+    report = Report(layers=layer_reports, skipped=skipped, activations=activations, equalized=equalized,
+                    calibration_samples=sample_count(batches), activation_bits=config.abits,
+                    phase_seconds=clock.seconds, float_bytes=model.ByteSize(), quant_bytes=quantized.ByteSize(),
+                    peak_rss_bytes=peak_rss(), spilled_bytes=spilled_bytes, options=asdict(config), warnings=warnings)
     return quantized, report
 
 
@@ -182,243 +146,101 @@ def quantize_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
     return report
 
 
+def _prepare(model: onnx.ModelProto, config: QuantConfig, memory: int):
+    """(the prepared model, its layers to quantize, (name, reason) of the layers kept in float)."""
+    prepared = prepare(model, config.input_shapes, max_bytes=memory)
+    layers, skipped = find_layers(prepared)
+    if not layers:
+        raise ModelError("the model has no Conv, Gemm or MatMul with a constant weight to quantize")
+    layers, excluded = exclude_layers(layers, config.exclude)
+    check_overrides(config, layers)
+    if not layers:
+        raise BitsplitError("--exclude leaves no layer to quantize")
+    return prepared, layers, skipped + excluded
+
+
+def _calibration_batches(calibration, model: onnx.ModelProto, store: BatchStore, config: QuantConfig):
+    """(the calibration batches, each input's arrays in the store; warnings about what they cover)."""
+    shapes, batches = input_shapes(model), []
+    fed = {name: set() for name in shapes}
+    for batch in batch_feeds(as_feeds(calibration), shapes, batch_size=config.batch_size,
+                             count=config.calib_count, join_fixed=True):
+        for name, value in batch.items():
+            fed[name].add(value.shape[1:])
+        batches.append({name: store.put(value) for name, value in batch.items()})
+    warnings = [
+        f"input '{printable(name)}' has a dynamic size and was calibrated at one only "
+        f"({'x'.join(map(str, shape))}): activation ranges at other sizes are not covered; "
+        "calibrate at the sizes it will run at (--input-size, repeatable) or fix it (--input-shape)"
+        for name, shape in single_shape_inputs(shapes, fed).items()]
+    return batches, warnings
+
+
+def _equalize(model: onnx.ModelProto, layers: list[LayerSpec], batches, store: BatchStore):
+    """(the equalized model, its layers, the pairs equalized)."""
+    names = {layer.name for layer in layers}
+    equalized, pairs = equalize(model, names, [{name: store.get(item) for name, item in batch.items()}
+                                               for batch in batches])
+    return equalized, [layer for layer in find_layers(equalized)[0] if layer.name in names], pairs
+
+
+def _chooser(bits: int, clock: PhaseClock, errors: dict[str, float]) -> Chooser:
+    """choose_quantizer() timed as the "activation_scales" phase, each tensor's error into `errors`."""
+    def choose(decision, samples):
+        with clock("activation_scales"):
+            quantizer, errors[decision.name] = choose_quantizer(decision, samples, bits)
+        return quantizer
+    return choose
+
+
 def _solve_layers(streams: NetworkStreams, weights: dict, bits: list[int], config: QuantConfig,
-                  report: Report, phase: "_Clock", progress: Callable[[int], None]) -> list[WeightQuant]:
-    """Layer by layer: gather its statistics, solve, advance both streams.
-
-    Returns:
-        the WeightQuant of every layer.
-    """
-    layers = streams.layers
-    solved = []
+                  clock: PhaseClock, progress: Callable[[int], None]) -> tuple[list[WeightQuant], list[LayerReport]]:
+    """Layer by layer: gather its statistics, solve, advance both streams with the result."""
+    solved, reports = [], []
     convert = RowConverter()
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(streams.layers):
         start = time.perf_counter()
-        with phase("statistics"):
-            solver = _accumulate(layer, streams, index, weights[layer.weight_name], config.compensation_blend, config,
-                                 convert)
-        with phase("solve"):
+        with clock("statistics"):
+            solver = layer_statistics(layer, streams, index, weights[layer.weight_name],
+                                      blend=config.compensation_blend, sample_rows=config.sample_rows,
+                                      seed=config.seed, convert=convert)
+        with clock("solve"):
             solution = solver.solve(bits[index], iterations=config.iterations, damping=config.damping)
-        input_scale = streams.quantizers[layer.input_name].scale
-        weight_quant, float_params, quant_params = _layer_quant(layer, solution, weights, bits[index], config,
-                                                                input_scale)
-        with phase("capture"):
-            streams.advance(index, float_params=float_params, quant_params=quant_params)
-        solved.append(weight_quant)
+        weight = weight_quant(layer, solution, bits[index], float_bias=weights.get(layer.bias_name),
+                              bias_correction=config.bias_correction,
+                              input_scale=streams.quantizers[layer.input_name].scale)
+        with clock("capture"):
+            float_params = {name: weights[name] for name in (layer.weight_name, layer.bias_name) if name}
+            streams.advance(index, float_params=float_params, quant_params=weight.simulated())
+        solved.append(weight)
         groups, rows, inputs = solution.q.shape
-        report.layers.append(LayerReport(
-            layer.name, layer.op, bits[index], (groups * rows, inputs, groups),
-            solution.rel_error, solution.rtn_rel_error, time.perf_counter() - start))
+        reports.append(LayerReport(layer.name, layer.op, bits[index], (groups * rows, inputs, groups),
+                                   solution.rel_error, solution.rtn_rel_error, time.perf_counter() - start))
         progress(index)
-    return solved
+    return solved, reports
 
 
-def choose_quantizer(decision: TensorQuant, samples: list[np.ndarray], config: QuantConfig) -> tuple[ActivationQuant, float]:
-    """The per-tensor quantizer of a tensor, by the MSE criterion on samples of its values
-    (act_scale.sample_values, taken batch by batch as the streams run; their extremes included).
-
-    Returns:
-        (the quantizer, its relative error ||x - Q(x)||² / ||x||² on the values it was chosen on).
-    """
-    values = np.concatenate([sample.ravel() for sample in samples])
-    if not np.isfinite(values).all():
-        raise ModelError(f"tensor '{decision.name}' has NaN or infinite values on the calibration data")
-    levels = quant_range(config.abits, signed=False)[1]
-    zero_point = 0
-    if decision.fixed_range is not None:
-        low, high = decision.fixed_range
-        scale = (high - low) / (levels + 1)  # 1/256 for [0, 1], as QNN and onnxruntime's quantizer
-        zero_point = round(-low / scale)
-    elif decision.full_range:
-        scale, zero_point = minmax_affine(values, config.abits)
-    elif decision.signed:
-        scale, zero_point = mse_affine(values, config.abits)
-    else:
-        scale = mse_scale(values, config.abits, signed=False)
-        if decision.upper_bound is not None:  # saturate where the Clip does
-            scale = min(scale, decision.upper_bound / levels)
-    if scale * levels < MIN_RANGE:  # QNN refuses narrower ranges (a constant or all-zero tensor)
-        scale = MIN_RANGE / levels
-    residual = values - fake_quant(values, scale, config.abits, False, zero_point)
-    error = float(residual @ residual / max(values @ values, 1e-30))
-    return ActivationQuant(decision.name, scale, zero_point, config.abits), error
+def _stamp(model: onnx.ModelProto, quantized: onnx.ModelProto, config: QuantConfig, layers: list[LayerReport],
+           calibration_samples: int) -> None:
+    carry_metadata(model, quantized, keep_output_types=not config.input_shapes, stamp={
+        "method": METHOD,
+        "layer_bits": json.dumps({layer.name: layer.bits for layer in layers}),
+        "calibration_samples": str(calibration_samples),
+        "options": json.dumps({key: value for key, value in asdict(config).items()
+                               if key != "work_dir"}, sort_keys=True)})  # no local paths in a shipped file
 
 
-def _sensitivities(model, layers: list[LayerSpec], batches, store: BatchStore, weights: dict, config: QuantConfig,
-                   progress: Callable[[int], None]) -> list[dict]:
-    """Each layer's relative output error at each bit width of BUDGET_BITS, solved on float
-    inputs (one float pass, a few iterations per solve); none for layers whose bits layer_wbits fixes."""
-    streams = NetworkStreams(model, layers, batches, store, compensate=False, keep_inputs=True, seed=config.seed)
-    convert = RowConverter()
-    errors = []
-    for index, layer in enumerate(layers):
-        if override(config, layer) is not None:
-            errors.append({})
-        else:
-            solver = _accumulate(layer, streams, index, weights[layer.weight_name], 1.0, config, convert)
-            errors.append({bits: solver.solve(bits, iterations=SENSITIVITY_ITERATIONS, damping=config.damping).rel_error
-                           for bits in BUDGET_BITS})
-        params = {name: weights[name] for name in (layer.weight_name, layer.bias_name) if name}
-        if index + 1 < len(layers):  # nothing after the last layer is measured
-            streams.advance(index, float_params=params, quant_params=params)
-        progress(index)
-    return errors
+def _check_loads(quantized: onnx.ModelProto) -> None:
+    """The promise is a model onnxruntime runs: keep it even for odd inputs."""
+    try:
+        make_session(quantized)
+    except Exception as exc:
+        raise ModelError(f"the quantized model does not load in onnxruntime: {str(exc).strip()[:300]}") from None
 
 
 def _reporter(progress: Progress | None, phase: str, model: onnx.ModelProto, layers: list[LayerSpec]):
-    """progress(index) after layer `index`, reported as work done: each layer weighs its
-    multiply-accumulates per sample (weights x output positions; 1 position where unknown)."""
+    """progress(index) after layer `index`, reported as work done (graph.layer_work)."""
     if progress is None:
         return lambda index: None
-    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in model.graph.value_info}
-    outputs = {node.name: node.output[0] for node in model.graph.node}
-    work = []
-    for layer in layers:
-        dims = shapes.get(outputs[layer.name], [])
-        positions = int(np.prod([d for d in dims[2:] if d > 0])) if layer.geometry and dims else 1
-        work.append(int(np.prod(layer.weight_shape)) * positions)
-    done = np.cumsum(work)
+    done = np.cumsum(layer_work(model, layers))
     return lambda index: progress(phase, int(done[index]), int(done[-1]), layers[index].name)
-
-
-def _budget_bits(model: onnx.ModelProto, prepared: onnx.ModelProto, layout: Layout, layers: list[LayerSpec],
-                 weights: dict, sensitivity: list[dict], config: QuantConfig) -> tuple[list[int], list[str]]:
-    """Bits per layer so the output is within config.size_budget of the float model's size;
-    layer_wbits overrides stay fixed. Everything but the weight storage is measured exactly by
-    writing the model once with placeholder 4-bit weights."""
-    costs, placeholders = [], []
-    for index, layer in enumerate(layers):
-        count, rows = weights[layer.weight_name].size, layer.weight_shape[layer.axis]
-        fixed = override(config, layer)
-        costs.append(LayerCost(layer.name, count, rows, sensitivity[index] if fixed is None else {fixed: 0.0}))
-        ones = np.ones(rows, np.float32)
-        bias = np.zeros(rows, np.int32) if layer.bias_name else None
-        placeholders.append(WeightQuant(layer, 4, np.zeros(layer.weight_shape, np.int8), ones, bias, ones))
-    quantizers = {name: ActivationQuant(name, 1.0) for name in [*layout.tensors, *layout.constants]}
-    overhead = write_qdq(prepared, layout, placeholders, quantizers).ByteSize() - sum(
-        storage_bytes(cost.weights, cost.rows, 4) for cost in costs)
-    try:
-        return allocate_bits(costs, int(config.size_budget * model.ByteSize()) - overhead)
-    except ValueError as exc:
-        raise BitsplitError(f"size budget {config.size_budget}: {exc}") from None
-
-
-def _accumulate(layer: LayerSpec, streams: NetworkStreams, index: int, W: np.ndarray,
-                blend: float, config: QuantConfig, convert: RowConverter) -> BitSplitSolver:
-    """A solver holding the layer's statistics over (a seeded sample of, config.sample_rows) the
-    patch rows of all calibration batches; X~ is the quantized stream's input, blended with the
-    float one by `blend`."""
-    solver = BitSplitSolver(layer.weight_matrix(W))
-    x_tilde, x = streams.layer_inputs(index)
-    compensate = x_tilde is not x
-    groups, _, width = solver.W.shape
-    # each row of a grouped Conv holds all its groups: the same patch values as sample_rows // groups
-    # rows of one group (depthwise Grams are small, and their rows cheap to estimate them from)
-    limit = None if config.sample_rows is None else max(config.sample_rows // groups, ROWS_PER_WIDTH * width)
-    chunk = max(1, PATCH_ELEMENTS // (groups * width))
-    pending: list[tuple[np.ndarray, np.ndarray]] = []
-    for batch, rows in enumerate(sampled_rows([layer.patch_count(shape) for shape in x.shapes], limit,
-                                              seed=[index, config.seed])):
-        xt_batch, x_batch = x_tilde.stored(batch), x.stored(batch)  # converted after gathering
-        for start in range(0, len(rows), chunk):
-            piece = rows[start:start + chunk]
-            pending.append((layer.patches(xt_batch, piece, x_tilde.zero),
-                            layer.patches(x_batch, piece, x.zero) if compensate else None))
-            if sum(p[0].shape[1] for p in pending) >= chunk:
-                _add_rows(solver, pending, x_tilde, x, blend, convert)
-    _add_rows(solver, pending, x_tilde, x, blend, convert)
-    return solver
-
-
-def sampled_rows(counts: list[int], limit: int | None, seed: int | list[int]) -> list[np.ndarray]:
-    """Per batch, the patch rows to use: all of them when the batches hold at most `limit` rows in
-    all, else `limit` rows drawn uniformly without replacement over all batches (seeded)."""
-    total = sum(counts)
-    if limit is None or total <= limit:
-        return [np.arange(count) for count in counts]
-    chosen = np.sort(np.random.default_rng(seed).choice(total, limit, replace=False))
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    bounds = np.searchsorted(chosen, offsets)
-    return [chosen[bounds[i]:bounds[i + 1]] - offsets[i] for i in range(len(counts))]
-
-
-def _add_rows(solver: BitSplitSolver, pending: list[tuple[np.ndarray, np.ndarray | None]], x_tilde: Batches,
-              x: Batches, blend: float, convert: RowConverter) -> None:
-    """Fold the pending (X~, X) patch blocks, as stored (X None without error compensation), into
-    the solver as one product, and empty the list. X~ is blended with X by `blend` (patches are
-    linear in the input: blending the rows blends the inputs)."""
-    if not pending:
-        return
-    def joined(blocks):  # along the rows of the contiguous (g, N, R) arrays the patches are views of,
-        if len(blocks) == 1:  # before their conversion to float32: fewer bytes to move
-            return blocks[0]
-        return np.concatenate([block.swapaxes(-1, -2) for block in blocks], axis=2).swapaxes(-1, -2)
-
-    x_rows = None if pending[0][1] is None else joined([p[1] for p in pending])
-    solver.add_batch(*convert(joined([p[0] for p in pending]), x_tilde.quantizer, x_rows, blend))
-    pending.clear()
-
-
-def _layer_quant(layer: LayerSpec, solution: LayerSolution, weights: dict, bits: int, config: QuantConfig,
-                 input_scale: float):
-    """The layer's QDQ plan entry and its parameters in the float and the quantized network.
-
-    The bias is stored as int32 on the grid of input scale x weight scale, the accumulator's own
-    scale, as integer kernels add it."""
-    q, alpha = solution.q.reshape(-1, solution.q.shape[-1]), solution.alpha.reshape(-1)
-    if not np.isfinite(alpha).all():
-        raise ModelError(f"layer '{layer.name}': the solve gave a scale that is not finite")
-    float_params = {layer.weight_name: weights[layer.weight_name]}
-    bias = bias_scale = float_bias = None
-    if layer.bias_name:
-        float_bias = float_params[layer.bias_name] = weights[layer.bias_name]
-        if config.bias_correction:
-            float_bias = float_bias + solution.bias_shift.reshape(-1)
-        if not np.isfinite(float_bias).all():
-            raise ModelError(f"layer '{layer.name}': its corrected bias is not finite")
-        q, alpha = fit_int32_bias(q, alpha, float_bias, input_scale)
-        bias_scale = (np.float32(input_scale) * alpha).astype(np.float32)
-        bias = np.rint(float_bias / bias_scale).astype(np.int32)
-    shape = solution.q.shape
-    quant_params = {layer.weight_name: layer.stored_weight((alpha[:, None] * q).astype(np.float32).reshape(shape))}
-    if bias is not None:
-        quant_params[layer.bias_name] = (bias * bias_scale).astype(np.float32)
-    weight_quant = WeightQuant(layer, bits, layer.stored_weight(q.reshape(shape)), alpha, bias, bias_scale)
-    return weight_quant, float_params, quant_params
-
-
-def fit_int32_bias(q: np.ndarray, alpha: np.ndarray, bias: np.ndarray, input_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel integers (M, N) and scales (M,) whose bias grid, input_scale x alpha, holds
-    `bias` within int32: a channel whose bias is too large for its grid gets a larger scale and
-    its integers are rounded onto it (as onnxruntime's quantizer does), the others are unchanged.
-    Narrow activation scales (16 bits) and wide weights (8 bits) make the grid fine enough to
-    overflow."""
-    needed = np.abs(bias.astype(np.float64)) / (np.float64(input_scale) * INT32_BIAS_LIMIT)
-    grow = needed > alpha
-    if not grow.any():
-        return q, alpha
-    q, alpha = q.copy(), alpha.copy()
-    q[grow] = np.rint(q[grow] * (alpha[grow] / needed[grow])[:, None])
-    alpha[grow] = needed[grow]
-    return q.astype(np.int8), alpha.astype(np.float32)
-
-
-class _Clock:
-    """Wall time per phase into `seconds`; a phase entered inside another is not counted twice."""
-
-    def __init__(self, seconds: dict[str, float]):
-        self.seconds = seconds
-        self.inner: list[float] = []
-
-    @contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        self.inner.append(0.0)
-        try:
-            yield
-        finally:
-            elapsed = time.perf_counter() - start
-            own = elapsed - self.inner.pop()
-            self.seconds[name] = self.seconds.get(name, 0.0) + own
-            if self.inner:
-                self.inner[-1] += elapsed

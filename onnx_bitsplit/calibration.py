@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CalibrationError
+from .shapes import fixed_batch as fixed_batch_of
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 ARRAY_SUFFIXES = {".npy", ".npz"}
@@ -206,22 +207,12 @@ def as_feeds(calibration) -> Iterator[dict[str, np.ndarray]]:
     raise CalibrationError("calibration must be a CalibrationDataReader or an iterable of feed dicts")
 
 
-def input_shapes(model) -> dict[str, list]:
-    """The model's real inputs (initializers excluded): name -> shape, None for a dynamic dim
-    (a dim_param, or a dim_value of 0 or -1 as some exporters write)."""
-    initializers = {t.name for t in model.graph.initializer}
-    return {
-        i.name: [d.dim_value if d.dim_value > 0 else None for d in i.type.tensor_type.shape.dim]
-        for i in model.graph.input if i.name not in initializers
-    }
-
-
 def single_shape_inputs(shapes: dict[str, list], fed: dict[str, set[tuple]]) -> dict[str, tuple]:
     """Inputs with a dynamic dimension past the batch axis that calibration fed at one shape
     only: name -> that shape (without the batch axis).
 
     Args:
-        shapes: input name -> shape, None for a dynamic dimension (input_shapes()).
+        shapes: input name -> shape, None for a dynamic dimension (shapes.input_shapes()).
         fed: input name -> the shapes (without the batch axis) calibration fed it.
     """
     return {name: next(iter(fed[name])) for name, shape in shapes.items()
@@ -243,10 +234,9 @@ def batch_feeds(feeds: Iterable[dict[str, np.ndarray]], shapes: dict[str, list],
     model's fixed batch, or with `join_fixed` as many of those as make up about that size.
 
     Args:
-        shapes: input name -> shape, None for a dynamic dimension (input_shapes()).
+        shapes: input name -> shape, None for a dynamic dimension (shapes.input_shapes()).
     """
-    fixed = {shape[0] for shape in shapes.values() if shape and isinstance(shape[0], int)}
-    fixed_batch = min(fixed) if fixed else None
+    fixed_batch = fixed_batch_of(shapes)
     count = max(count - count % fixed_batch, fixed_batch) if fixed_batch else count
     rows_per_batch = fixed_batch if fixed_batch and not join_fixed else None
     pending, total, yielded = [], 0, 0

@@ -1,17 +1,14 @@
 """The float network and the partially quantized network, run side by side one segment at a time.
 
-The prepared graph is cut before each quantized layer. Segment k holds the nodes from layer k up
-to (not including) layer k+1; its inputs are the cached tensors at the cut (the frontier), its
-outputs the tensors that later nodes read. Each segment runs as its own onnxruntime session with
-the layer's weight and bias as inputs: the float stream with the float weights, the quantized
-stream with the solved ones (baked in as constants, so onnxruntime prepacks them as in a whole
-model) and a QuantizeLinear/DequantizeLinear pair on every tensor the layout
-quantizes (layout.py), so the quantized stream computes what the written model computes. No pass
-ever restarts from the input, and the cache holds only the frontier, in a BatchStore (in memory
-up to a budget, the rest on disk). The quantized stream keeps its quantized tensors as their
-8- or 16-bit integers (exactly what QuantizeLinear gives, a quarter or half of the bytes) and each
-segment dequantizes what it reads; the float stream keeps the tensors the layout quantizes as
-float16 (a rounding error 2^-11 of the value, far below the 8-bit quantizer's step).
+The prepared graph is cut before each quantized layer (segments.py): segment k holds the nodes
+from layer k up to (not including) layer k+1. Each stream keeps a cache of the tensors at the cut
+(the frontier) for every calibration batch, in a BatchStore (in memory up to a budget, the rest on
+disk), and advances it by running the segment: the float stream with the float weights, the
+quantized stream with the solved ones and a QuantizeLinear/DequantizeLinear pair on every tensor
+the layout quantizes (layout.py), so that it computes what the written model computes. No pass
+ever restarts from the input. The quantized stream keeps its quantized tensors as their 8- or
+16-bit integers (what QuantizeLinear gives, a quarter or half of the bytes); the float stream keeps
+them as float16.
 
 A tensor's quantizer is chosen when the float stream first produces it, from a sample of its float
 values (act_scale.sample_values, taken batch by batch), before the quantized stream runs the nodes
@@ -21,17 +18,18 @@ that read it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
-from .act_scale import MAX_SAMPLES, fake_quant, sample_values
-from .calibration import input_shapes
+from .act_scale import MAX_SAMPLES, sample_values
 from .graph import LayerSpec
-from .layout import ActivationQuant, Layout, TensorQuant
-from .providers import make_session
+from .layout import Layout, TensorQuant
+from .qdq_format import ActivationQuant, dequantize_linear, fake_quant, quantize_linear
+from .segments import Segment, SegmentBuilder, SegmentRunner, last_uses
+from .shapes import fixed_batch, input_shapes
 from .store import BatchStore, Stored
 
 Chooser = Callable[[TensorQuant, list[np.ndarray]], ActivationQuant]
@@ -50,8 +48,7 @@ class Batches(Sequence):
         stored = self.stored(index)
         if self.quantizer is None:
             return _float32(stored)
-        scale, zero_point = np.float32(self.quantizer.scale), np.float32(self.quantizer.zero_point)
-        return (stored.astype(np.float32) - zero_point) * scale
+        return dequantize_linear(stored, self.quantizer.scale, self.quantizer.zero_point)
 
     def stored(self, index: int) -> np.ndarray:
         """The batch as stored (integers, float16 or float32; mapped from disk if spilled): to take
@@ -71,17 +68,31 @@ class Batches(Sequence):
         return [item.shape for item in self.items]
 
 
-@dataclass(frozen=True)
-class Segment:
-    """Nodes [start, stop) of the topologically sorted graph, as a runnable model."""
+class CachedTensor:
+    """One tensor's batches in the store, and how many streams still read them.
 
-    model: onnx.ModelProto
-    start: int
-    inputs: list[str]
-    outputs: list[str]  # tensors, one per graph output (a tensor may be written twice: stored and sampled)
-    fetches: list[str]  # the graph outputs: the tensor's name, or the name of its stored form
-    kept: list[str]  # the outputs that later nodes read
-    coded: dict[str, str]  # tensor -> the name of its stored form (integers, or float16 in the float stream)
+    A tensor the quantized stream does not quantize (a calibration input it reads as float) is one
+    entry in both caches, dropped when the last of them releases it; an entry that is `kept` (the
+    calibration inputs, for a later pass) is never dropped.
+    """
+
+    def __init__(self, items: list[Stored], *, readers: int = 1, kept: bool = False):
+        self.items: list[Stored | None] = items
+        self.readers = readers
+        self.kept = kept
+
+    def drop_batch(self, store: BatchStore, index: int) -> None:
+        """Forget one batch (a dropped batch is None in `items`)."""
+        if not self.kept and self.items[index] is not None:
+            store.drop(self.items[index])
+            self.items[index] = None
+
+    def release(self, store: BatchStore) -> None:
+        """One reader is done with the tensor: the last one drops its batches."""
+        self.readers -= 1
+        if self.readers == 0:
+            for index in range(len(self.items)):
+                self.drop_batch(store, index)
 
 
 class NetworkStreams:
@@ -104,31 +115,27 @@ class NetworkStreams:
     def __init__(self, model: onnx.ModelProto, layers: list[LayerSpec], batches: list[dict[str, Stored]],
                  store: BatchStore, *, layout: Layout | None = None, choose: Chooser | None = None,
                  compensate: bool, keep_inputs: bool = False, seed: int = 0):
-        self.model = model
         self.layers = layers
         self.layout = layout or Layout()
         self.choose = choose
         self.seed = [0, seed]  # [0, 0] draws what 0 draws (numpy's SeedSequence pads with zeros)
         self.compensate = compensate and layout is not None
-        self.nodes = list(model.graph.node)
-        position = {node.name: index for index, node in enumerate(self.nodes)}
+        self.last_use = last_uses(model)
+        self.node_count = len(model.graph.node)
+        position = {node.name: index for index, node in enumerate(model.graph.node)}
         self.starts = [position[layer.name] for layer in layers]
-        self.last_use = _last_uses(model)
-        self.value_infos = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.output]}
-        self.initializers = {t.name: t for t in model.graph.initializer}
-        self.graph_inputs = {i.name for i in model.graph.input}
         self.batch_count = len(batches)
         self.samples_per_batch = max(1, MAX_SAMPLES // self.batch_count)  # for choosing quantizers
-        fixed = [shape[0] for shape in input_shapes(model).values() if shape and shape[0]]
-        self.fixed_batch = min(fixed) if fixed else None
-        self.joined: dict[int, bool] = {}  # segment start -> whether it runs batches of several fixed batches
+        self.builder = SegmentBuilder(model, self.layout, self.last_use, self._cached_dtype)
+        self.runner = SegmentRunner(fixed_batch(input_shapes(model)))
         self.quantizers: dict[str, ActivationQuant] = {}
         self.store = store
-        self.float_cache: dict[str, list[Stored]] = {
-            name: [batch[name] for batch in batches] for name in batches[0]}
-        self.borrowed = {id(items) for items in self.float_cache.values()} if keep_inputs else set()
+        readers = 2 if self.compensate else 1
+        self.float_cache: dict[str, CachedTensor] = {
+            name: CachedTensor([batch[name] for batch in batches], readers=readers, kept=keep_inputs)
+            for name in batches[0]}
         self.quant_cache = dict(self.float_cache) if self.compensate else self.float_cache
-        self._quantize_constants()
+        self.quantized_constants = self._quantize_constants(model)
         self._quantize_graph_inputs()
         self._run_segment(0, self.starts[0], {}, {})
 
@@ -136,10 +143,10 @@ class NetworkStreams:
         """(x_tilde, x): the input batches of layer `index` in the quantized and float streams
         (the same object without error compensation)."""
         name = self.layers[index].input_name
-        x = Batches(self.store, self.float_cache[name])
+        x = Batches(self.store, self.float_cache[name].items)
         if not self.compensate:
             return x, x
-        return Batches(self.store, self.quant_cache[name], self.quantizers.get(name)), x
+        return Batches(self.store, self.quant_cache[name].items, self.quantizers.get(name)), x
 
     def advance(self, index: int, *, float_params: dict[str, np.ndarray],
                 quant_params: dict[str, np.ndarray]) -> None:
@@ -150,26 +157,31 @@ class NetworkStreams:
             float_params, quant_params: the layer's weight (and bias) by initializer name.
         """
         last = index + 1 == len(self.layers)
-        stop = len(self.nodes) if last else self.starts[index + 1]
+        stop = self.node_count if last else self.starts[index + 1]
         self._run_segment(self.starts[index], stop, float_params, None if last else quant_params)
 
-    def _quantize_constants(self) -> None:
-        """Quantizers of the constant data inputs, and their quantized values for the quantized stream."""
-        self.quantized_constants = {}
+    def _quantize_constants(self, model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+        """Quantizers of the constant data inputs; their values on those quantizers' grids, by name."""
+        initializers = {t.name: t for t in model.graph.initializer}
+        quantized = {}
         for name, decision in self.layout.constants.items():
-            values = numpy_helper.to_array(self.initializers[name])
+            values = numpy_helper.to_array(initializers[name])
             quantizer = self.quantizers[name] = self.choose(decision, [sample_values([values])])
-            self.quantized_constants[name] = numpy_helper.from_array(_fake_quant(values, quantizer), name)
+            quantized[name] = numpy_helper.from_array(fake_quant(values, quantizer), name)
+        return quantized
 
     def _quantize_graph_inputs(self) -> None:
         for decision in self.layout.produced_in(-1, 0):
-            batches = Batches(self.store, self.float_cache[decision.name])
+            batches = Batches(self.store, self.float_cache[decision.name].items)
             rng = np.random.default_rng(self.seed)
             samples = [sample_values([batch], self.samples_per_batch, rng) for batch in batches]  # one batch at a time
             quantizer = self.quantizers[decision.name] = self.choose(decision, samples)
             if self.compensate:
                 until = self.last_use.get(decision.name)
-                self.quant_cache[decision.name] = [self.store.put(_integers(b, quantizer), until) for b in batches]
+                self.quant_cache[decision.name].release(self.store)  # the float stream's alone now
+                self.quant_cache[decision.name] = CachedTensor([
+                    self.store.put(quantize_linear(b, quantizer.scale, quantizer.zero_point, quantizer.dtype), until)
+                    for b in batches])
 
     def _run_segment(self, start: int, stop: int, float_params: dict, quant_params: dict | None) -> None:
         """Nodes [start, stop) on the float stream, the quantizers of the tensors they produce
@@ -182,9 +194,8 @@ class NetworkStreams:
         def ending(cache):  # the tensors no node from `stop` on reads
             return [name for name in cache if self.last_use.get(name, -1) < stop]
 
-        segment = self._segment(start, stop, float_params, extra_outputs=chosen)
-        # the streams share the lists of tensors they do not quantize: the quantized run reads them last
-        samples = self._run(segment, self.float_cache, chosen, consumed={
+        segment = self.builder.float_segment(start, stop, float_params, extra_outputs=chosen)
+        samples = self._run(segment, self.float_cache, chosen, consumed={  # what the quantized run reads stays
             name for name in ending(self.float_cache)
             if not (quantized_runs and self.quant_cache.get(name) is self.float_cache[name])})
         for decision in produced:
@@ -192,29 +203,16 @@ class NetworkStreams:
                 self.choose(decision, samples[decision.name]) if decision.shares is None
                 else replace(self.quantizers[decision.shares], tensor_name=decision.name))
         if quantized_runs:
-            segment = self._segment(start, stop, quant_params,
-                                    quantizers=[self.quantizers[d.name] for d in produced])
+            segment = self.builder.quantized_segment(
+                start, stop, quant_params, written=[self.quantizers[d.name] for d in produced],
+                quantizers=self.quantizers, quantized_constants=self.quantized_constants)
             self._run(segment, self.quant_cache, consumed=set(ending(self.quant_cache)))
-        finished = {}  # by identity: the streams share the lists of tensors they do not quantize
         for cache in (self.float_cache, self.quant_cache) if self.compensate else (self.float_cache,):
             for name in ending(cache):
-                items = cache.pop(name)
-                finished[id(items)] = items
-        for items in finished.values():
-            self._drop(items)
+                cache.pop(name).release(self.store)
         self.store.release_freed()
 
-    def _drop(self, items: list[Stored | None], index: int | None = None) -> None:
-        """Forget the batches of a finished tensor (`index`: that one only), unless they are
-        borrowed (keep_inputs); a dropped batch is None in its list."""
-        if id(items) in self.borrowed:
-            return
-        for i in range(len(items)) if index is None else [index]:
-            if items[i] is not None:
-                self.store.drop(items[i])
-                items[i] = None
-
-    def _run(self, segment: Segment, cache: dict[str, list[Stored]], sampled: set[str] = frozenset(),
+    def _run(self, segment: Segment, cache: dict[str, CachedTensor], sampled: set[str] = frozenset(),
              consumed: set[str] = frozenset()) -> dict[str, list[np.ndarray]]:
         """Run the segment on every batch; keep what later nodes read in `cache` (in the store).
         The inputs in `consumed` (no later run reads them) are dropped batch by batch once read:
@@ -225,193 +223,34 @@ class NetworkStreams:
         """
         if not segment.outputs:
             return {}
-        # no spinning: between runs the main thread copies and samples the outputs, and the
-        # spinning workers would take the cores from it (2 s of 36 on EfficientNet-Lite0 at 256 images)
-        session = make_session(segment.model, qdq_fusion=False, spinning=False)
+        session = self.runner.session(segment)
         rng = np.random.default_rng(self.seed)
         samples = {name: [] for name in segment.outputs if name in sampled}
         kept = {name: [] for name in segment.kept}
         feeds = [segment.coded.get(name, name) for name in segment.inputs]
         for i in range(self.batch_count):
-            results = self._run_batch(session, segment.fetches, {feed: self.store.get(cache[name][i])
-                                                                 for feed, name in zip(feeds, segment.inputs)},
-                                      segment.start)
+            results = self.runner.run(session, segment, {feed: self.store.get(cache[name].items[i])
+                                                         for feed, name in zip(feeds, segment.inputs)})
             for name in consumed.intersection(segment.inputs):
-                self._drop(cache[name], i)
+                cache[name].drop_batch(self.store, i)
             for name, fetch, result in zip(segment.outputs, segment.fetches, results):
                 if name in samples and fetch == name:
                     samples[name].append(sample_values([result], self.samples_per_batch, rng))
                 if name in kept and fetch == segment.coded.get(name, name):
-                    # a copy: onnxruntime's outputs live in its session's memory, which they keep
-                    # resident (0.5 GiB more peak on 48 samples of the 640x640 detector)
+                    # a copy: onnxruntime's outputs live in its session's memory, which they keep resident
                     kept[name].append(self.store.put(np.array(result), until=self.last_use[name]))
-        cache.update(kept)
+        cache.update({name: CachedTensor(items) for name, items in kept.items()})
         return samples
 
-    def _run_batch(self, session, fetches: list[str], feed: dict[str, np.ndarray], start: int) -> list[np.ndarray]:
-        """session.run on one batch. A model with a fixed batch gets batches of several of them
-        (batch_feeds(join_fixed=True)): the segments' inputs have no shapes, so most segments run
-        them at once, but one with the batch written into a constant (a Reshape to [1, -1])
-        must not. The first float run of each segment decides: the joined batch runs, and its
-        first fixed batch alone gives the same outputs; otherwise the segment runs one fixed
-        batch at a time."""
-        rows = len(next(iter(feed.values())))
-        if self.fixed_batch is None or rows <= self.fixed_batch:
-            return session.run(fetches, feed)
-        if start not in self.joined:
-            self.joined[start] = self._runs_joined(session, fetches, feed)
-        return session.run(fetches, feed) if self.joined[start] else self._one_by_one(session, fetches, feed)
-
-    def _runs_joined(self, session, fetches: list[str], feed: dict[str, np.ndarray]) -> bool:
-        try:
-            joined = session.run(fetches, feed)
-        except Exception:  # onnxruntime's shape errors: the batch is in a constant
-            return False
-        alone = session.run(fetches, {name: value[:self.fixed_batch] for name, value in feed.items()})
-        return all(j.shape[:1] == (len(next(iter(feed.values()))),) and np.allclose(
-            j[:self.fixed_batch], a, rtol=1e-3, atol=1e-3 * float(np.abs(a).max(initial=0))) for j, a in zip(joined, alone))
-
-    def _one_by_one(self, session, fetches: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The batch run one fixed batch at a time, the outputs joined."""
-        rows, step = len(next(iter(feed.values()))), self.fixed_batch
-        pieces = [session.run(fetches, {name: value[i:i + step] for name, value in feed.items()})
-                  for i in range(0, rows, step)]
-        return [np.concatenate(parts) for parts in zip(*pieces)]
-
-    def _segment(self, start: int, stop: int, params: dict[str, np.ndarray], *,
-                 extra_outputs: set[str] = frozenset(), quantizers: list[ActivationQuant] | None = None) -> Segment:
-        """Nodes [start, stop) as a model reading the frontier, with `params` (initializer name ->
-        value) for the layer's weight and bias, writing what is read later and `extra_outputs`.
-        With `quantizers` (the quantized stream) each of their tensors goes through QuantizeLinear
-        and DequantizeLinear before anything reads it, and is written as its integers; inputs
-        quantized earlier are read as integers and dequantized; quantized constants replace the
-        float ones."""
-        nodes = self.nodes[start:stop]
-        produced = {name for node in nodes for name in node.output}
-        read = list(dict.fromkeys(name for node in nodes for name in node.input if name))
-        inputs = [n for n in read if n not in produced and n not in self.initializers]
-        kept = [n for n in dict.fromkeys(o for node in nodes for o in node.output) if self.last_use.get(n, -1) >= stop]
-        constants = [self.initializers[n] for n in read if n in self.initializers and n not in params]
-        constants += [numpy_helper.from_array(value, name) for name, value in params.items()]
-        coded = {}
-        if quantizers is None:  # onnxruntime's Cast converts 10x faster than numpy, with the same rounding
-            coded = {name: f"{name}.sim_half" for name in inputs + kept if self._stored_half(name)}
-            nodes = ([helper.make_node("Cast", [coded[name]], [name], to=TensorProto.FLOAT) for name in inputs
-                      if name in coded] + nodes
-                     + [helper.make_node("Cast", [name], [coded[name]], to=TensorProto.FLOAT16) for name in kept
-                        if name in coded])
-        outputs = kept + sorted(extra_outputs - {name for name in kept if name not in coded})
-        fetches = [coded.get(name, name) for name in kept] + outputs[len(kept):]
-        input_infos = [helper.make_tensor_value_info(coded[name], TensorProto.FLOAT16, None) if name in coded
-                       else self._value_info(name) for name in inputs]
-        output_infos = [helper.make_tensor_value_info(fetch, TensorProto.FLOAT16, None) if fetch != name
-                        else self._value_info(name, typed=False) for name, fetch in zip(outputs, fetches)]
-        if quantizers is not None:
-            read_coded = [self.quantizers[name] for name in inputs if name in self.quantizers]
-            written = {q.tensor_name: q for q in quantizers}
-            nodes = [_dequantizer(q) for q in read_coded] + _with_quantizers(nodes, quantizers)
-            constants = [self.quantized_constants.get(c.name, c) for c in constants]
-            constants += [t for q in read_coded + quantizers for t in _quantizer_constants(q)]
-            coded = {q.tensor_name: f"{q.tensor_name}.sim_quantized" for q in read_coded}
-            coded.update({name: f"{name}.sim_quantized" for name in kept if name in written})
-            fetches = [coded.get(name, name) for name in outputs]
-            input_infos = [_integer_info(coded[name], self.quantizers[name]) if name in coded else info
-                           for name, info in zip(inputs, input_infos)]
-            output_infos = [_integer_info(coded[name], written[name]) if name in coded else info
-                            for name, info in zip(outputs, output_infos)]
-        graph = helper.make_graph(nodes, f"segment_{start}", input_infos, output_infos, constants)
-        model = helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
-        return Segment(model, start, inputs, outputs, fetches, kept, coded)
-
-    def _stored_half(self, name: str) -> bool:
-        """Whether the float stream stores the tensor as float16: a float32 tensor that the layout
-        quantizes, produced inside the graph (calibration inputs are stored as given)."""
-        info = self.value_infos.get(name)
-        return (name in self.layout.tensors and name not in self.graph_inputs and info is not None
-                and info.type.tensor_type.elem_type == TensorProto.FLOAT)
-
-    def _value_info(self, name: str, typed: bool = True) -> onnx.ValueInfoProto:
-        """The tensor's inferred type with its shape dropped (batch and sizes vary); for a frontier
-        input with no inferred type, the cached data's."""
-        info = self.value_infos.get(name)
-        if info is not None and info.type.tensor_type.elem_type:
-            return helper.make_tensor_value_info(name, info.type.tensor_type.elem_type, None)
-        if typed:  # a stream may have dropped the batches it read last (_run's consumed)
-            cached = next((items[0] for items in (self.float_cache.get(name), self.quant_cache.get(name))
-                           if items and items[0] is not None), None)
-            if cached is not None:
-                dtype = self.store.get(cached).dtype
-                return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), None)
-            graph_input = next((i for i in self.model.graph.input if i.name == name), None)
-            if graph_input is not None:
-                return graph_input
-        return onnx.ValueInfoProto(name=name)
-
-
-def quantizer_dtype(quantizer: ActivationQuant) -> type:
-    """The integer type of an activation quantizer: uint8 or uint16."""
-    return {8: np.uint8, 16: np.uint16}[quantizer.bits]
-
-
-def _fake_quant(values: np.ndarray, quantizer: ActivationQuant) -> np.ndarray:
-    return fake_quant(values, quantizer.scale, quantizer.bits, False, quantizer.zero_point)
+    def _cached_dtype(self, name: str) -> np.dtype | None:
+        """The stored type of a frontier tensor (a stream may have dropped the batches it read last)."""
+        for cache in (self.float_cache, self.quant_cache):
+            entry = cache.get(name)
+            item = next((item for item in entry.items if item is not None), None) if entry else None
+            if item is not None:
+                return self.store.get(item).dtype
+        return None
 
 
 def _float32(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float32) if values.dtype == np.float16 else values
-
-
-def _integers(values: np.ndarray, quantizer: ActivationQuant) -> np.ndarray:
-    """QuantizeLinear(values): the quantizer's integers."""
-    dtype = quantizer_dtype(quantizer)
-    q = np.rint(values / np.float32(quantizer.scale)) + quantizer.zero_point
-    return np.clip(q, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
-
-
-def _integer_info(name: str, quantizer: ActivationQuant) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(quantizer_dtype(quantizer))),
-                                         None)
-
-
-def _dequantizer(quantizer: ActivationQuant) -> onnx.NodeProto:
-    """DequantizeLinear from the tensor's integers (`.sim_quantized`) to the tensor."""
-    name = quantizer.tensor_name
-    return helper.make_node("DequantizeLinear", [f"{name}.sim_quantized", f"{name}.sim_scale", f"{name}.sim_zero_point"],
-                            [name])
-
-
-def _quantizer_constants(quantizer: ActivationQuant) -> list[onnx.TensorProto]:
-    name = quantizer.tensor_name
-    return [numpy_helper.from_array(np.array(quantizer.scale, np.float32), f"{name}.sim_scale"),
-            numpy_helper.from_array(np.array(quantizer.zero_point, quantizer_dtype(quantizer)), f"{name}.sim_zero_point")]
-
-
-def _with_quantizers(nodes: list[onnx.NodeProto], quantizers: list[ActivationQuant]) -> list[onnx.NodeProto]:
-    """The nodes with each quantized tensor renamed at its producer and restored by a Q/DQ pair."""
-    quantized = {q.tensor_name for q in quantizers}
-    result = []
-    for node in nodes:
-        outputs = [name for name in node.output if name in quantized]
-        if not outputs:
-            result.append(node)
-            continue
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.output[:] = [f"{name}.sim_float" if name in quantized else name for name in node.output]
-        result.append(copy)
-        for name in outputs:
-            args = [f"{name}.sim_scale", f"{name}.sim_zero_point"]
-            result += [helper.make_node("QuantizeLinear", [f"{name}.sim_float", *args], [f"{name}.sim_quantized"]),
-                       helper.make_node("DequantizeLinear", [f"{name}.sim_quantized", *args], [name])]
-    return result
-
-
-def _last_uses(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor name -> index of the last node that reads it (graph outputs: past the end)."""
-    last = {}
-    for index, node in enumerate(model.graph.node):
-        for name in node.input:
-            last[name] = index
-    for output in model.graph.output:
-        last[output.name] = len(model.graph.node)
-    return last

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from .calibration import as_feeds, batch_feeds, input_shapes, sample_count
+from .calibration import as_feeds, batch_feeds, sample_count
+from .shapes import input_shapes
 from .errors import BitsplitError, ModelError, first_line
 from .providers import Placement, open_runner
 from . import __version__

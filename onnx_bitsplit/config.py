@@ -6,11 +6,10 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import BitsplitError
+from .qdq_format import ACTIVATION_BITS, WEIGHT_STORAGE
 
 MIN_BITS = 2
 MAX_BITS = 8
-ACTIVATION_BITS = (8, 16)  # the integer types of QuantizeLinear at opset 21
-WEIGHT_STORAGE = ("int4", "int8")
 DEFAULT_MEMORY = 4 << 30  # the default budget: peak memory stays near it on a laptop or a CI runner
 
 
@@ -25,12 +24,12 @@ class QuantConfig:
 
     Attributes:
         wbits: weight bits of the quantized layers. Defaults to 4.
-        abits: activation bits (per tensor): 8 (int8/uint8) or 16 (int16/uint16). Defaults to 8.
+        abits: activation bits (per tensor, unsigned: qdq_format): 8 or 16. Defaults to 8.
         first_last_wbits: weight bits of the first and last quantized layer; None keeps them at
             `wbits`. Defaults to 8 (the paper's setting).
         depthwise_wbits: weight bits of depthwise Convs (one output channel per group); None keeps
             them at `wbits`. A depthwise row has only kh·kw weights (9 for 3x3) for its 4-bit grid,
-            and these layers hold about 1% of a model's weights. Defaults to 8 (README, ablation).
+            and these layers hold about 1% of a model's weights. Defaults to 8 (docs/benchmarks.md).
         layer_wbits: weight bits by node name, fnmatch pattern ('*depthwise*'), operator type
             ('op:Gemm') or '@depthwise' (every depthwise Conv); overrides everything above. An
             exact name wins over patterns; among patterns, the first that matches. A pattern that
@@ -44,7 +43,7 @@ class QuantConfig:
             target from the float one. Defaults to True.
         compensation_blend: with error compensation, X~ = blend·(quantized-network input) +
             (1 - blend)·(float input); below 1 it keeps the solve from fitting the calibration
-            set's particular quantization errors (README, ablation: 0.5 was best on two splits).
+            set's particular quantization errors (docs/benchmarks.md).
             Defaults to 0.5.
         bias_correction: shift each bias by the mean output error of its layer. Defaults to True.
         equalization: fold per-channel factors into each Conv -> Conv pair (the paper's ECAQ,
@@ -53,15 +52,15 @@ class QuantConfig:
             round-to-nearest integers and scales of the initialisation. Defaults to 10.
         damping: ridge on the Gram matrices, as a fraction of their mean diagonal; it pulls the
             solution toward the float weights where the calibration data says little; it keeps
-            error compensation from fitting the calibration set (README, ablation). Defaults to 0.3.
+            error compensation from fitting the calibration set (docs/benchmarks.md). Defaults to 0.3.
         sample_rows: patch rows (output positions over all calibration samples) each layer's
             statistics are estimated from: a seeded uniform sample of this many (divided by the
             groups of a grouped Conv), or of 64 per weight column if that is more; None uses
             every row. Bounds the statistics' cost at any image size and calibration count
-            (README, ablation). Defaults to 65536.
+            (docs/benchmarks.md). Defaults to 65536.
         seed: the seed of the samples a conversion draws (each layer's patch rows, each
             tensor's values for its quantizer): the same seed gives the same model; other seeds
-            show how much a result owes to the samples (README, Scaling). Defaults to 0.
+            show how much a result owes to the samples (docs/benchmarks.md). Defaults to 0.
         batch_size: calibration samples run through onnxruntime at once; None: as many as make
             about 4 MiB of input (calibration.RUN_INPUT_BYTES). Defaults to None.
         calib_count: use at most this many calibration samples. Defaults to 256.
@@ -106,11 +105,11 @@ class QuantConfig:
     def __post_init__(self) -> None:
         _check_bits("wbits", self.wbits)
         if self.abits not in ACTIVATION_BITS:  # QuantizeLinear saturates at its integer type's range
-            raise BitsplitError(f"abits must be 8 or 16, got {self.abits!r}")
+            raise BitsplitError(f"abits must be one of {', '.join(map(str, ACTIVATION_BITS))}, got {self.abits!r}")
         if self.max_memory is not None and self.max_memory < 2**20:
             raise BitsplitError(f"max_memory must be at least 1 MiB, got {self.max_memory} bytes")
         if self.weight_storage not in WEIGHT_STORAGE:
-            raise BitsplitError(f"weight_storage must be int4 or int8, got {self.weight_storage!r}")
+            raise BitsplitError(f"weight_storage must be one of {', '.join(WEIGHT_STORAGE)}, got {self.weight_storage!r}")
         for name, shape in self.input_shapes.items():
             if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
                 raise BitsplitError(f"input shape of '{name}' must be positive integers, got {shape!r}")

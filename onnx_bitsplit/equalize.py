@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 
 from .providers import make_session
 from .graph import export
+from .qdq_format import Names
 
 MAX_STRETCH = 16.0  # no channel is scaled by more than this relative to the largest factor
 CHANNELWISE_OPS = {"Relu", "LeakyRelu", "Clip", "Pad", "MaxPool", "AveragePool", "Identity"}
@@ -67,6 +68,7 @@ def equalize(model: onnx.ModelProto, layer_names: set[str],
         (the equalized model, or `model` itself when no pair qualifies; one record per pair).
     """
     graph = gs.import_onnx(model)
+    names = Names.of_model(model)
     pairs = _find_pairs(graph, layer_names)
     if not pairs:
         return model, []
@@ -76,7 +78,7 @@ def equalize(model: onnx.ModelProto, layer_names: set[str],
         factors = _factors(channel_range, pair.consumer)
         if factors is None:
             continue
-        note = _fold(graph, pair, factors)
+        note = _fold(graph, names, pair, factors)
         records.append(EqualizedPair(pair.producer.name, pair.consumer.name,
                                      float(factors.max() / factors.min()), note))
     graph.cleanup().toposort()
@@ -154,7 +156,7 @@ def _factors(channel_range: np.ndarray, consumer: gs.Node) -> np.ndarray | None:
     return factors * np.max(channel_range / factors) / channel_range.max()  # keep the tensor's range
 
 
-def _fold(graph: gs.Graph, pair: _Pair, factors: np.ndarray) -> str:
+def _fold(graph: gs.Graph, names: Names, pair: _Pair, factors: np.ndarray) -> str:
     """Divide the producer's output channels by `factors`, scale the chain's Clip bounds alike and
     multiply the consumer's input channels; returns what changed besides the weights."""
     producer_weight, bias = pair.producer.inputs[1], pair.producer.inputs[2]
@@ -167,23 +169,25 @@ def _fold(graph: gs.Graph, pair: _Pair, factors: np.ndarray) -> str:
         [-1 if axis == along else 1 for axis in range(consumer_weight.values.ndim)])).astype(np.float32)
     clips = [node for node in pair.chain if node.op == "Clip" and len(node.inputs) > 1]
     for clip in clips:
-        _per_channel_clip(graph, clip, factors.reshape(shape[:-1]))  # [C,1,1] for an NCHW tensor
+        _per_channel_clip(graph, names, clip, factors.reshape(shape[:-1]))  # [C,1,1] for an NCHW tensor
     return f"{len(clips)} Clip made per-channel" if clips else ""
 
 
-def _per_channel_clip(graph: gs.Graph, clip: gs.Node, factors: np.ndarray) -> None:
+def _per_channel_clip(graph: gs.Graph, names: Names, clip: gs.Node, factors: np.ndarray) -> None:
     """Clip(x, lo, hi) on x/s -> Min(Max(x, lo/s), hi/s), the bounds shaped like `factors`;
     Max(x, 0) stays Relu, a bound of zero being zero on every channel."""
     tensor = clip.inputs[0]
     bounds = [(op, clip.inputs[index]) for op, index in (("Max", 1), ("Min", 2))
               if len(clip.inputs) > index and clip.inputs[index].name]
     for position, (op, bound) in enumerate(bounds):
-        out = clip.outputs[0] if position == len(bounds) - 1 else gs.Variable(f"{clip.name}.{op.lower()}", np.float32)
+        last = position == len(bounds) - 1
+        out = clip.outputs[0] if last else gs.Variable(names.new(clip.name, op.lower()), np.float32)
         if op == "Max" and float(bound.values) == 0.0:
-            node = gs.Node("Relu", f"{clip.name}_relu", inputs=[tensor], outputs=[out])
+            node = gs.Node("Relu", names.new(clip.name, "relu"), inputs=[tensor], outputs=[out])
         else:
-            scaled = gs.Constant(f"{clip.name}.{op.lower()}_bound", (float(bound.values) / factors).astype(np.float32))
-            node = gs.Node(op, f"{clip.name}_{op.lower()}", inputs=[tensor, scaled], outputs=[out])
+            scaled = gs.Constant(names.new(clip.name, f"{op.lower()}_bound"),
+                                 (float(bound.values) / factors).astype(np.float32))
+            node = gs.Node(op, names.new(clip.name, f"{op.lower()}_node"), inputs=[tensor, scaled], outputs=[out])
         graph.nodes.append(node)
         tensor = out
     clip.outputs.clear()

@@ -22,12 +22,13 @@ import onnxruntime as ort
 from onnx import version_converter
 
 from .errors import ModelError, first_line
+from .modelio import PROTOBUF_LIMIT
 from .patches import ConvGeometry, conv_patches, conv_positions, dense_patches
+from .qdq_format import IR_VERSION, OPSET, Names
+from .shapes import set_input_shapes
 
 log = logging.getLogger(__name__)
 
-OPSET = 21  # INT4 and per-axis DequantizeLinear
-IR_VERSION = 10  # the first IR version with INT4, so older runtimes still load the output
 QUANTIZED_OPS = {
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
     "ConvInteger", "MatMulInteger",
@@ -42,7 +43,6 @@ SIGN_PRESERVING_OPS = {
     "Transpose", "Identity", "Squeeze", "Unsqueeze", "Resize", "Upsample", "Slice", "Gather",
     "SpaceToDepth", "DepthToSpace",
 }
-PROTOBUF_SAFE = 2**30  # above this, the optimizer's copy goes through external data
 FLOAT_LAYER_OPS = {"ConvTranspose", "LSTM", "GRU", "RNN", "Einsum"}  # weighted, reported as kept in float
 NON_NEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp", "Softplus"}
 
@@ -136,11 +136,12 @@ def prepare(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | N
     model = _to_opset(_optimize(model))
     with gs.logger.G_LOGGER.suppress():  # its findings reach the user as our errors, or not at all
         graph = gs.import_onnx(model)
-        _name_nodes(graph)
+        names = Names.of_model(model)
+        _name_nodes(graph, names)
         graph.fold_constants().cleanup().toposort()
-        _fold_batch_norms(graph)
-        _fold_gemm_factors(graph)
-        _add_missing_biases(graph)
+        _fold_batch_norms(graph, names)
+        _fold_gemm_factors(graph, names)
+        _add_missing_biases(graph, names)
         return export(graph)
 
 
@@ -151,29 +152,6 @@ def _op_types(graph: onnx.GraphProto):
         for attribute in node.attribute:
             for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
                 yield from _op_types(subgraph)
-
-
-def set_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Make the named inputs static, in place; output shapes are left to inference.
-
-    Raises:
-        ModelError: for an unknown input, another rank, or a clash with a fixed dimension.
-    """
-    inputs = {i.name: i for i in model.graph.input}
-    for name, shape in shapes.items():
-        if name not in inputs:
-            raise ModelError(f"--input-shape: the model has no input '{name}' (inputs: {', '.join(inputs)})")
-        dims = inputs[name].type.tensor_type.shape.dim
-        fixed = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
-        if len(shape) != len(fixed) or any(f is not None and f != s for f, s in zip(fixed, shape)):
-            wanted = "x".join(str(f) if f else "?" for f in fixed)
-            raise ModelError(f"--input-shape {'x'.join(map(str, shape))} does not fit input '{name}' of shape {wanted}")
-        for dim, size in zip(dims, shape):
-            dim.Clear()
-            dim.dim_value = size
-    for output in model.graph.output:  # stale symbolic dims would clash with the inferred ones
-        output.type.tensor_type.ClearField("shape")
-    del model.graph.value_info[:]
 
 
 def check_tensor_sizes(model: onnx.ModelProto, max_bytes: int) -> None:
@@ -206,7 +184,7 @@ def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     options.log_severity_level = 4
     with tempfile.TemporaryDirectory(prefix="onnx-bitsplit-") as folder:
         source, target = Path(folder) / "model.onnx", Path(folder) / "optimized.onnx"
-        onnx.save(model, source, save_as_external_data=model.ByteSize() > PROTOBUF_SAFE,
+        onnx.save(model, source, save_as_external_data=model.ByteSize() > PROTOBUF_LIMIT,
                   location="model.data")
         options.optimized_model_filepath = str(target)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
@@ -254,18 +232,16 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _name_nodes(graph: gs.Graph) -> None:
+def _name_nodes(graph: gs.Graph, names: Names) -> None:
     """Give every node a unique name: layers are addressed by name in options and reports."""
     seen = set()
     for index, node in enumerate(graph.nodes):
-        name = node.name or f"{node.op}_{index}"
-        while name in seen:
-            name = f"{name}_{index}"
-        node.name = name
-        seen.add(name)
+        if not node.name or node.name in seen:
+            node.name = names.new(node.name or node.op, str(index))
+        seen.add(node.name)
 
 
-def _fold_batch_norms(graph: gs.Graph) -> None:
+def _fold_batch_norms(graph: gs.Graph, names: Names) -> None:
     """Conv -> BatchNormalization (inference form, constants) becomes one Conv."""
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
         conv = bn.i() if bn.inputs[0].inputs else None
@@ -282,17 +258,18 @@ def _fold_batch_norms(graph: gs.Graph) -> None:
         bias = conv.inputs[2].values if len(conv.inputs) > 2 else np.zeros(weight.shape[0])
         new_weight = (weight * factor.reshape(-1, *[1] * (weight.ndim - 1))).astype(weight.dtype)
         new_bias = ((bias - mean) * factor + beta).astype(weight.dtype)
-        conv.inputs[1] = gs.Constant(f"{conv.name}.weight_bn", new_weight)
+        conv.inputs[1] = gs.Constant(names.new(conv.name, "weight_bn"), new_weight)
+        bias_constant = gs.Constant(names.new(conv.name, "bias_bn"), new_bias)
         if len(conv.inputs) > 2:
-            conv.inputs[2] = gs.Constant(f"{conv.name}.bias_bn", new_bias)
+            conv.inputs[2] = bias_constant
         else:
-            conv.inputs.append(gs.Constant(f"{conv.name}.bias_bn", new_bias))
+            conv.inputs.append(bias_constant)
         conv.outputs = [bn.outputs[0]]
         bn.outputs.clear()
     graph.cleanup().toposort()
 
 
-def _fold_gemm_factors(graph: gs.Graph) -> None:
+def _fold_gemm_factors(graph: gs.Graph, names: Names) -> None:
     """Gemm's alpha into its constant weight and beta into its constant bias: integer kernels
     fuse a Gemm whose bias is added as it is (onnxruntime's QGemm wants beta = 1)."""
     for node in graph.nodes:
@@ -301,14 +278,14 @@ def _fold_gemm_factors(graph: gs.Graph) -> None:
             continue
         alpha, beta = node.attrs.pop("alpha", 1.0), node.attrs.pop("beta", 1.0)
         weight = node.inputs[1]
-        node.inputs[1] = gs.Constant(f"{node.name}.weight_alpha", (weight.values * alpha).astype(weight.dtype))
+        node.inputs[1] = gs.Constant(names.new(node.name, "weight_alpha"), (weight.values * alpha).astype(weight.dtype))
         if len(node.inputs) > 2:
             bias = node.inputs[2]
-            node.inputs[2] = gs.Constant(f"{node.name}.bias_beta", (bias.values * beta).astype(bias.dtype))
+            node.inputs[2] = gs.Constant(names.new(node.name, "bias_beta"), (bias.values * beta).astype(bias.dtype))
     graph.cleanup()
 
 
-def _add_missing_biases(graph: gs.Graph) -> None:
+def _add_missing_biases(graph: gs.Graph, names: Names) -> None:
     """Zero biases for Conv and Gemm layers without one, so bias correction has a place to go."""
     for node in graph.nodes:
         if node.op not in ("Conv", "Gemm") or len(node.inputs) > 2 or len(node.inputs) < 2:
@@ -317,7 +294,7 @@ def _add_missing_biases(graph: gs.Graph) -> None:
         if not isinstance(weight, gs.Constant):
             continue
         axis = 1 if node.op == "Gemm" and not node.attrs.get("transB", 0) else 0
-        node.inputs.append(gs.Constant(f"{node.name}.bias", np.zeros(weight.shape[axis], np.float32)))
+        node.inputs.append(gs.Constant(names.new(node.name, "bias"), np.zeros(weight.shape[axis], np.float32)))
     graph.cleanup().toposort()
 
 
@@ -438,3 +415,16 @@ def non_negative_tensors(model: onnx.ModelProto) -> set[str]:
             found.update(node.output[:1])
     return found
 
+
+
+def layer_work(model: onnx.ModelProto, layers: list[LayerSpec]) -> list[int]:
+    """Each layer's multiply-accumulates per sample: weights x output positions (1 position where
+    the output's shape is unknown)."""
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in model.graph.value_info}
+    outputs = {node.name: node.output[0] for node in model.graph.node}
+    work = []
+    for layer in layers:
+        dims = shapes.get(outputs[layer.name], [])
+        positions = int(np.prod([d for d in dims[2:] if d > 0])) if layer.geometry and dims else 1
+        work.append(int(np.prod(layer.weight_shape)) * positions)
+    return work

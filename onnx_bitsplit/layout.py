@@ -80,19 +80,6 @@ class TensorQuant:
     full_range: bool = False
 
 
-@dataclass(frozen=True)
-class ActivationQuant:
-    """A chosen per-tensor quantizer in the unsigned integers of `bits` bits (uint8, uint16):
-    x ≈ scale · (clip(round(x / scale) + zero_point) - zero_point). One unsigned type for every
-    tensor, as runtimes fuse a unit only when its input and output types agree; signed tensors
-    get a zero point."""
-
-    tensor_name: str
-    scale: float
-    zero_point: int = 0
-    bits: int = 8
-
-
 @dataclass
 class Layout:
     """Every quantized tensor of a graph, in the order of the nodes that produce them.

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from . import __version__
@@ -176,3 +178,24 @@ def printable(text: str) -> str:
 
 def _mib(size: int) -> str:
     return f"{size / 2**20:.2f} MiB"
+
+
+class PhaseClock:
+    """Wall time per phase into `seconds`; a phase entered inside another is not counted twice."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.inner: list[float] = []
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        self.inner.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            own = elapsed - self.inner.pop()
+            self.seconds[name] = self.seconds.get(name, 0.0) + own
+            if self.inner:
+                self.inner[-1] += elapsed

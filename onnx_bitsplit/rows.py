@@ -3,7 +3,7 @@
 The streams store their tensors as 8- or 16-bit integers (the quantized stream) and float16 (the
 float stream), and a layer's statistics need them as float32, X~ blended with X. numpy converts
 float16 one value at a time, onnxruntime's Cast with the CPU's conversion instructions, on every
-core (README, Scaling). The results are numpy's, bit for bit: DequantizeLinear is
+core (docs/scaling.md). The results are numpy's, bit for bit: DequantizeLinear is
 (q - zero point) · scale in float32, and the blend is the same two float32 products and one sum.
 """
 
@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .layout import ActivationQuant
 from .providers import make_session
+from .qdq_format import OPSET, ActivationQuant
 
 
 class RowConverter:
@@ -73,4 +73,4 @@ def _converter(dtypes: dict[str, str]) -> onnx.ModelProto:
         outputs[0] = "x_tilde_blended"
     graph = helper.make_graph(nodes, "rows", [info(name) for name in dtypes],
                               [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])  # 21: DequantizeLinear of uint16
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])

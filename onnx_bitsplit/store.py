@@ -9,19 +9,16 @@ by close(), which quantize() calls on every exit, errors and signals included.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import heapq
 import itertools
-import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BitsplitError, signals_held
+from .memory import release_freed_memory
 
 
 class Stored:
@@ -33,50 +30,6 @@ class Stored:
     def __init__(self, array: np.ndarray):
         self.array, self.path = array, None
         self.shape, self.nbytes = array.shape, array.nbytes
-
-
-try:
-    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-except OSError:  # no C library by that name (Windows)
-    _LIBC = None
-
-
-def resident_bytes() -> int:
-    """The process's resident memory now, from /proc (Linux; where glibc's malloc_trim is)."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    """The process's peak resident memory in bytes (0 where the platform does not say).
-
-    On Linux from /proc (VmHWM): getrusage's figure keeps the peak of the process that started
-    this one across exec, so a conversion launched by a large process would report that one's."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        pass
-    try:
-        import resource
-    except ImportError:  # Windows
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's malloc.h
-
-
-def keep_freed_blocks() -> None:
-    """Have glibc's malloc (a no-op elsewhere) serve blocks up to 32 MiB from its heap and keep
-    the freed ones there for the next (until BatchStore.release_freed). By default it maps each
-    block of a few MiB afresh and unmaps it when freed, so every batch copied out of onnxruntime
-    faults its pages in again (README, Scaling: page faults and time). Process-wide, so the
-    command sets it, not the library."""
-    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
-        _LIBC.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest
-        _LIBC.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 class BatchStore:
@@ -95,6 +48,14 @@ class BatchStore:
         self.dropped = 0  # resident arrays dropped since the heap was last cleared of them
         self.spilled_bytes = 0
         self.files = 0
+
+    @classmethod
+    def within(cls, memory_budget: int, work_dir: str | Path | None = None) -> "BatchStore":
+        """A store for a conversion whose whole process has `memory_budget` bytes: its arrays
+        take a quarter of it, the rest is for onnxruntime's runs, the model and the statistics
+        (docs/scaling.md: peak memory against the budget); freed memory is kept for reuse while
+        the process holds less than half of it."""
+        return cls(memory_budget // 4, work_dir, trim_above=memory_budget // 2)
 
     def put(self, array: np.ndarray, until: int | None = None) -> Stored:
         """The array, kept in memory or written to a file. `until` is when it is last needed (any
@@ -159,14 +120,11 @@ class BatchStore:
             self.dropped = 0
 
     def release_freed(self) -> None:
-        """Return freed heap memory to the system (glibc's malloc_trim; a no-op elsewhere) if the
-        process holds more than trim_above: tensors of many sizes come and go, and what they
-        leave free would otherwise count in the process's memory for the rest of the run. Below
-        that it stays for the next tensors, which would fault fresh pages in instead."""
-        if _LIBC is None or not hasattr(_LIBC, "malloc_trim"):
-            return
-        if self.trim_above is None or resident_bytes() > self.trim_above:
-            _LIBC.malloc_trim(0)
+        """Return freed heap memory to the system if the process holds more than trim_above:
+        tensors of many sizes come and go, and what they leave free would otherwise count in the
+        process's memory for the rest of the run. Below that it stays for the next tensors, which
+        would fault fresh pages in instead."""
+        release_freed_memory(above=self.trim_above)
 
     def close(self) -> None:
         """Delete the work folder and everything in it."""

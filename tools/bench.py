@@ -41,9 +41,10 @@ import onnxruntime as ort
 from onnx_bitsplit import ImageFolderReader, QuantConfig, quantize
 from onnx_bitsplit.calibration import PRESETS
 from onnx_bitsplit.errors import BitsplitError
-from onnx_bitsplit.graph import find_layers, prepare, set_input_shapes
+from onnx_bitsplit.graph import find_layers, prepare
+from onnx_bitsplit.shapes import set_input_shapes
 from onnx_bitsplit.providers import open_runner
-from onnx_bitsplit.store import keep_freed_blocks
+from onnx_bitsplit.memory import keep_freed_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 INTEGER_OPS = ("QLinear", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantize")

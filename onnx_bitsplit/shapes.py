@@ -1,0 +1,90 @@
+"""A model's inputs and their shapes: read from the model in one place, parsed from text in one place.
+
+A shape is a list with None for a dynamic dimension (a dim_param, or a dim_value of 0 or -1 as some
+exporters write). The batch is axis 0; a model whose inputs fix it has a fixed batch.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from .errors import BitsplitError, ModelError
+
+Shape = list  # of int, or None for a dynamic dimension
+
+
+def input_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
+    """The model's real inputs (initializers excluded): name -> shape."""
+    initializers = {t.name for t in model.graph.initializer}
+    return {i.name: [d.dim_value if d.dim_value > 0 else None for d in i.type.tensor_type.shape.dim]
+            for i in model.graph.input if i.name not in initializers}
+
+
+def fixed_batch(shapes: dict[str, Shape]) -> int | None:
+    """The smallest batch the inputs fix, or None when every batch axis is dynamic."""
+    fixed = [shape[0] for shape in shapes.values() if shape and shape[0]]
+    return min(fixed) if fixed else None
+
+
+def dynamic_inputs(model: onnx.ModelProto) -> list[str]:
+    """The inputs with a dynamic dimension."""
+    return [name for name, shape in input_shapes(model).items() if None in shape]
+
+
+def parse_dims(text: str) -> tuple[int, ...]:
+    """'1x3x224x224' -> (1, 3, 224, 224): positive integers only.
+
+    Raises:
+        BitsplitError: for anything else.
+    """
+    parts = text.lower().split("x")
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise BitsplitError(f"expected dimensions such as 1x3x224x224, got '{text}'")
+    return tuple(int(p) for p in parts)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'640x480' -> (640, 480): an image's height and width."""
+    try:
+        dims = parse_dims(text)
+    except BitsplitError:
+        dims = ()
+    if len(dims) != 2:
+        raise BitsplitError(f"expected HEIGHTxWIDTH such as 640x640, got '{text}'")
+    return dims
+
+
+def parse_input_shapes(texts: tuple[str, ...], input_names: list[str]) -> dict[str, tuple[int, ...]]:
+    """'[NAME=]DIMS' texts -> {input name: dims}; a bare DIMS names the model's only input."""
+    shapes = {}
+    for text in texts:
+        name, _, dims = text.rpartition("=")
+        if not name:
+            if len(input_names) != 1:
+                raise BitsplitError(f"the model has {len(input_names)} inputs: give NAME=DIMS")
+            name = input_names[0]
+        shapes[name] = parse_dims(dims)
+    return shapes
+
+
+def set_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Make the named inputs static, in place; output shapes are left to inference.
+
+    Raises:
+        ModelError: for an unknown input, another rank, or a clash with a fixed dimension.
+    """
+    inputs = {i.name: i for i in model.graph.input}
+    current = input_shapes(model)
+    for name, shape in shapes.items():
+        if name not in current:
+            raise ModelError(f"--input-shape: the model has no input '{name}' (inputs: {', '.join(current)})")
+        fixed = current[name]
+        if len(shape) != len(fixed) or any(f is not None and f != s for f, s in zip(fixed, shape)):
+            wanted = "x".join(str(f) if f else "?" for f in fixed)
+            raise ModelError(f"--input-shape {'x'.join(map(str, shape))} does not fit input '{name}' of shape {wanted}")
+        for dim, size in zip(inputs[name].type.tensor_type.shape.dim, shape):
+            dim.Clear()
+            dim.dim_value = size
+    for output in model.graph.output:  # stale symbolic dims would clash with the inferred ones
+        output.type.tensor_type.ClearField("shape")
+    del model.graph.value_info[:]

@@ -84,14 +84,7 @@ def mse_scale(values: np.ndarray, bits: int, signed: bool, iterations: int = 30)
     grid = peak / high * 2.0 ** -np.linspace(0.0, 5.0, GRID_POINTS)
     coarse = x[:: max(1, x.size // GRID_SAMPLES)]
     scale = min(grid, key=lambda s: _error(coarse, s, low, high))
-    for _ in range(iterations):
-        q = round_to_grid(x, scale, 0, low, high)
-        qq = q @ q
-        new_scale = (x @ q) / qq if qq > 0 else scale
-        if abs(new_scale - scale) <= 1e-7 * scale:
-            break
-        scale = new_scale
-    return float(scale)
+    return _refined_scale(x, scale, 0, low, high, iterations)
 
 
 def mse_affine(values: np.ndarray, bits: int, iterations: int = 30) -> tuple[float, int]:
@@ -110,14 +103,7 @@ def mse_affine(values: np.ndarray, bits: int, iterations: int = 30) -> tuple[flo
     candidates = [((top * b - bottom * a) / high, int(np.clip(np.rint(-bottom * a / ((top * b - bottom * a) / high)), low, high)))
                   for a in shrinks for b in shrinks]
     scale, zero_point = min(candidates, key=lambda c: _error(coarse, c[0], low, high, c[1]))
-    for _ in range(iterations):
-        q = round_to_grid(x, scale, zero_point, low, high) - zero_point
-        qq = q @ q
-        new_scale = (x @ q) / qq if qq > 0 else scale
-        if abs(new_scale - scale) <= 1e-7 * scale:
-            break
-        scale = new_scale
-    return float(scale), zero_point
+    return _refined_scale(x, scale, zero_point, low, high, iterations), zero_point
 
 
 def minmax_affine(values: np.ndarray, bits: int) -> tuple[float, int]:
@@ -128,6 +114,19 @@ def minmax_affine(values: np.ndarray, bits: int) -> tuple[float, int]:
         return 1.0, 0
     scale = (top - bottom) / high
     return scale, int(np.clip(round(-bottom / scale), low, high))
+
+
+def _refined_scale(x: np.ndarray, scale: float, zero_point: int, low: int, high: int, iterations: int) -> float:
+    """The alternating iteration q = clip(round(x/s) + z) - z, s = <x,q>/<q,q> from `scale`: each
+    step lowers the error, until the scale moves by less than 1e-7 of itself."""
+    for _ in range(iterations):
+        q = round_to_grid(x, scale, zero_point, low, high) - zero_point
+        qq = q @ q
+        new_scale = (x @ q) / qq if qq > 0 else scale
+        if abs(new_scale - scale) <= 1e-7 * scale:
+            break
+        scale = new_scale
+    return float(scale)
 
 
 def _error(x: np.ndarray, scale: float, low: int, high: int, zero_point: int = 0) -> float:

@@ -34,7 +34,32 @@ PRESETS = {
 }
 
 
-class ImageFolderReader:
+class _FileReader:
+    """A CalibrationDataReader over `paths`, one feed a file (_read)."""
+
+    paths: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= len(self.paths):
+            return None
+        self._next += 1
+        return self._read(self._next - 1)
+
+    def rewind(self) -> None:
+        self._next = 0
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        self.rewind()
+        return iter(self.get_next, None)
+
+    def _read(self, index: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class ImageFolderReader(_FileReader):
     """Images of a folder (sorted by name) as NCHW float32 feeds of batch 1.
 
     Args:
@@ -69,27 +94,14 @@ class ImageFolderReader:
             raise CalibrationError(f"mean and std must be finite and std non-zero, got mean {mean}, std {std}")
         self._next = 0
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._next >= len(self.paths):
-            return None
-        path, size = self.paths[self._next], self.sizes[self._next * len(self.sizes) // len(self.paths)]
-        self._next += 1
-        pixels = load_image(path, size, self.crop_ratio)
+    def _read(self, index: int) -> dict[str, np.ndarray]:
+        size = self.sizes[index * len(self.sizes) // len(self.paths)]
+        pixels = load_image(self.paths[index], size, self.crop_ratio)
         image = (((pixels[::-1] if self.bgr else pixels) - self.mean) / self.std)[None]
         return {self.input_name: np.ascontiguousarray(image.transpose(0, 2, 3, 1) if self.layout == "nhwc" else image)}
 
-    def rewind(self) -> None:
-        self._next = 0
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        self.rewind()
-        return iter(self.get_next, None)
-
-
-class NpyReader:
+class NpyReader(_FileReader):
     """Ready input tensors: .npy files (for the model's only input) or .npz files keyed by input
     name, each file one feed (its batch included).
 
@@ -109,21 +121,8 @@ class NpyReader:
         self.max_bytes = max_bytes
         self._next = 0
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._next >= len(self.paths):
-            return None
-        path = self.paths[self._next]
-        self._next += 1
-        return self._read(path)
-
-    def rewind(self) -> None:
-        self._next = 0
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        self.rewind()
-        return iter(self.get_next, None)
-
-    def _read(self, path: Path) -> dict[str, np.ndarray]:
+    def _read(self, index: int) -> dict[str, np.ndarray]:
+        path = self.paths[index]
         try:
             if path.suffix.lower() == ".npy":
                 if len(self.input_names) != 1:

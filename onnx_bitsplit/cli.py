@@ -31,8 +31,8 @@ from .calibration import (ARRAY_SUFFIXES, CROP_FRACTION, LAYOUTS, PRESETS, Image
 from .check import compare
 from .config import QuantConfig, memory_limit
 from .qdq_format import ACTIVATION_BITS, WEIGHT_STORAGE
-from .options import Bits, ByteSize, ChannelValues, FiniteFloat, Fraction, ImageSize, InputShape, LayerBits
-from .shapes import input_shapes, parse_input_shapes
+from .options import IMAGE_SIZE, INPUT_SHAPE, Bits, ByteSize, ChannelValues, FiniteFloat, Fraction, LayerBits
+from .shapes import input_shapes, named_shapes
 from .errors import BitsplitError, CalibrationError, Terminated, first_line
 from .modelio import load_model
 from .providers import PROVIDERS
@@ -85,7 +85,7 @@ def image_options(command):
                      help="Per-channel mean in pixel units (overrides --preset), e.g. 123.7,116.3,103.5."),
         click.option("--std", type=ChannelValues(nonzero=True),
                      help="Per-channel std in pixel units (overrides --preset), e.g. 58.4,57.1,57.4."),
-        click.option("--input-size", type=ImageSize(), multiple=True,
+        click.option("--input-size", type=IMAGE_SIZE, multiple=True,
                      help="Image size for models whose input size is dynamic, e.g. 640x640; repeat it for "
                           "several (the images are split evenly among them), as the model will run at."),
         click.option("--layout", type=click.Choice(LAYOUTS),
@@ -113,7 +113,7 @@ def image_options(command):
                    "it (the rest goes to --work-dir), and any single input (a model's weights, a calibration "
                    "array, a constant it folds) larger than it is refused before it is allocated.  "
                    "[default: 4G, or half the machine's memory if less]")
-@click.option("--input-shape", "input_shapes", multiple=True, type=InputShape(),
+@click.option("--input-shape", "input_shapes", multiple=True, type=INPUT_SHAPE,
               help="Static input shape, e.g. 1x3x224x224 (NAME=DIMS for one of several inputs; "
                    "repeatable): the output has it and calibration runs at it. NPUs need static shapes.")
 @click.option("--wbits", default=DEFAULTS.wbits, show_default=True, type=Bits(), help="Weight bits.")
@@ -292,7 +292,7 @@ def _input_shapes(path: Path, shapes: tuple[tuple[str, tuple[int, ...]], ...]) -
     except Exception:
         raise BitsplitError(f"cannot read '{path}' as an ONNX model") from None
     try:
-        return parse_input_shapes(shapes, list(input_shapes(model)))
+        return named_shapes(list(shapes), list(input_shapes(model)))
     except BitsplitError as exc:
         raise click.BadParameter(str(exc), param_hint="--input-shape") from None
 

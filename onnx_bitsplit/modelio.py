@@ -29,10 +29,7 @@ def load_model(path: str | Path, *, max_bytes: int | None = None) -> onnx.ModelP
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model '{path}' does not exist or is not a file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ModelError(f"cannot read '{path}' as an ONNX model: {first_line(exc)}") from None
+    model = _read_proto(path)
     if not model.graph.node:
         raise ModelError(f"'{path}' holds no ONNX graph (empty, or not an ONNX model)")
     folder = path.parent.resolve()
@@ -50,6 +47,14 @@ def load_model(path: str | Path, *, max_bytes: int | None = None) -> onnx.ModelP
         except Exception as exc:
             raise ModelError(f"cannot read the external data of '{path}': {first_line(exc)}") from None
     return model
+
+
+def _read_proto(path: Path) -> onnx.ModelProto:
+    """The model file's protobuf, its external data not read."""
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelError(f"cannot read '{path}' as an ONNX model: {first_line(exc)}") from None
 
 
 def check_external_location(tensor: onnx.TensorProto, folder: Path) -> None:
@@ -79,10 +84,7 @@ def _external_size(tensor: onnx.TensorProto, folder: Path) -> int:
 def model_files(path: str | Path) -> list[Path]:
     """The model file and the external-data files it reads (confined as load_model confines them)."""
     path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ModelError(f"cannot read '{path}' as an ONNX model: {first_line(exc)}") from None
+    model = _read_proto(path)
     folder = path.parent.resolve()
     files = [path]
     for tensor in _tensors(model):

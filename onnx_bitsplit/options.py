@@ -9,7 +9,7 @@ import click
 
 from .config import MAX_BITS, MIN_BITS
 from .errors import BitsplitError
-from .shapes import parse_dims, parse_size
+from .shapes import parse_input_shape, parse_size
 
 MIN_MEMORY = 2**20  # QuantConfig refuses less
 
@@ -78,33 +78,23 @@ class ByteSize(click.ParamType):
         return int(size)
 
 
-class ImageSize(click.ParamType):
-    """HEIGHTxWIDTH -> (height, width)."""
+class Parsed(click.ParamType):
+    """A value a parser of shapes.py reads (its BitsplitError is the usage error)."""
 
-    name = "HxW"
+    def __init__(self, parse, metavar: str):
+        self.parse, self.name = parse, metavar
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
         try:
-            return parse_size(value)
+            return self.parse(value)
         except BitsplitError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class InputShape(click.ParamType):
-    """[NAME=]DIMS -> (name or '', dims); the name is matched with the model's inputs later."""
-
-    name = "[NAME=]DIMS"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        name, _, dims = value.rpartition("=")
-        try:
-            return name, parse_dims(dims)
-        except BitsplitError as exc:
-            self.fail(str(exc), param, ctx)
+IMAGE_SIZE = Parsed(parse_size, "HxW")  # -> (height, width)
+INPUT_SHAPE = Parsed(parse_input_shape, "[NAME=]DIMS")  # -> (name or '', dims), names matched with the model's later
 
 
 class ChannelValues(click.ParamType):

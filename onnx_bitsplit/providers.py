@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import BitsplitError, first_line
+from .shapes import dynamic_inputs
 
 PROVIDERS = ("cpu", "qnn", "openvino")
 PACKAGES = {"qnn": "onnxruntime-qnn", "openvino": "openvino"}
@@ -150,8 +151,7 @@ def _qnn_runner(model: onnx.ModelProto) -> Runner:
         raise BitsplitError(f"QNN HTP cannot load the model: {refusal}") from None
     reasons = {op: reason.strip() for op, reason in QNN_REASON.findall(log.read())}
     log.close()
-    dynamic = [i.name for i in model.graph.input
-               if any(not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)]
+    dynamic = dynamic_inputs(model)
     hint = f"; inputs {', '.join(dynamic)} are dynamic and QNN needs static shapes (--input-shape)" if dynamic else ""
     fallbacks = [(node.op_type, node.name, reasons.get(node.op_type, "not taken by QNN") + hint)
                  for subgraph in session.get_provider_graph_assignment_info() if subgraph.ep_name != QNN_EP

@@ -19,10 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
 from .layout import Layout
 from .providers import make_session
 from .qdq_format import ActivationQuant, Names, QuantizerNames, dequantize_node, quantize_node, quantizer_constants
+
+RUN_ERRORS = (Fail, InvalidArgument, RuntimeException)  # what onnxruntime raises for a run it cannot do
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ class SegmentRunner:
     def _runs_joined(self, session, fetches: list[str], feed: dict[str, np.ndarray]) -> bool:
         try:
             joined = session.run(fetches, feed)
-        except Exception:  # onnxruntime's shape errors: the batch is in a constant
+        except RUN_ERRORS:  # a shape error: the batch is written into a constant
             return False
         alone = session.run(fetches, {name: value[:self.fixed_batch] for name, value in feed.items()})
         return all(j.shape[:1] == (len(next(iter(feed.values()))),) and np.allclose(

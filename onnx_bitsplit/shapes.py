@@ -54,17 +54,22 @@ def parse_size(text: str) -> tuple[int, int]:
     return dims
 
 
-def parse_input_shapes(texts: tuple[str, ...], input_names: list[str]) -> dict[str, tuple[int, ...]]:
-    """'[NAME=]DIMS' texts -> {input name: dims}; a bare DIMS names the model's only input."""
-    shapes = {}
-    for text in texts:
-        name, _, dims = text.rpartition("=")
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """'[NAME=]DIMS' -> (NAME or '', dims)."""
+    name, _, dims = text.rpartition("=")
+    return name, parse_dims(dims)
+
+
+def named_shapes(shapes: list[tuple[str, tuple[int, ...]]], input_names: list[str]) -> dict[str, tuple[int, ...]]:
+    """(NAME or '', dims) pairs -> {input name: dims}; no name stands for the model's only input."""
+    named = {}
+    for name, dims in shapes:
         if not name:
             if len(input_names) != 1:
                 raise BitsplitError(f"the model has {len(input_names)} inputs: give NAME=DIMS")
             name = input_names[0]
-        shapes[name] = parse_dims(dims)
-    return shapes
+        named[name] = dims
+    return named
 
 
 def set_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:

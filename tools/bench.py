@@ -39,7 +39,7 @@ import onnx
 import onnxruntime as ort
 
 from onnx_bitsplit import ImageFolderReader, QuantConfig, quantize
-from onnx_bitsplit.calibration import PRESETS
+from onnx_bitsplit.calibration import PRESETS, labels_from_names
 from onnx_bitsplit.errors import BitsplitError
 from onnx_bitsplit.graph import find_layers, prepare
 from onnx_bitsplit.shapes import set_input_shapes
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     calibration_paths, held_out_paths = (second, first) if args.calib_last else (first, second)
     calibration = Calibration(args.images, input_name, shape[2:], mean, std, calibration_paths)
     x = np.concatenate([feed[input_name] for feed in calibration.reader(held_out_paths)])
-    labels = np.array([int(p.name[:3]) for p in held_out_paths])
+    labels = np.array(labels_from_names(held_out_paths))
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     static_float = workdir / "float.onnx"

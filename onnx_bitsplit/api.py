@@ -14,16 +14,17 @@ import numpy as np
 import onnx
 
 from .act_scale import choose_quantizer
-from .calibration import as_feeds, batch_feeds, sample_count, single_shape_inputs
+from .calibration import as_feeds, batch_feeds, describe, sample_count, single_shape_inputs
 from .capture import Chooser, NetworkStreams
 from .config import QuantConfig, memory_limit
 from .equalize import equalize
 from .errors import BitsplitError, ModelError
-from .graph import LayerSpec, find_layers, layer_work, prepare
+from .graph import LayerSpec, find_layers, layer_work, prepare, refuse_unconvertible
 from .layout import plan_layout
 from .memory import peak_rss
 from .mixed import budget_bits, measure_sensitivities
-from .modelio import OutputFiles, check_output_paths, load_model, model_files, save_model, weights_path
+from .modelio import (OutputFiles, check_output_paths, file_sha256, load_model, model_files, save_model,
+                      weights_path)
 from .providers import make_session
 from .qdq import bytes_besides_weights, carry_metadata, write_qdq
 from .report import LayerReport, PhaseClock, Report, printable
@@ -47,18 +48,20 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
             folder); it is not modified.
         calibration: an onnxruntime CalibrationDataReader or any iterable of {input_name: ndarray}.
         config: options. Defaults to QuantConfig() (W4A8, first and last layer W8).
-        progress: called as progress(phase, done, total, layer_name) after each layer of a
-            phase ("sensitivity" with a size budget, then "layers"); done and total count work
-            (multiply-accumulates of the layers), so a rate gives a true time estimate.
+        progress: called as progress(phase, done, total, layer_name) when a phase starts (done
+            = total = 0, no name) and after each layer of the layer phases ("sensitivity" with a
+            size budget, then "layers"); there done and total count work (multiply-accumulates
+            of the layers), so a rate gives a true time estimate.
 
     Returns:
         (the quantized model, the Report of what was done).
     """
+    start = time.perf_counter()
     config = config or QuantConfig()
     memory = memory_limit(config.max_memory)
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model, max_bytes=memory)
-    clock = PhaseClock()
+    clock = PhaseClock(started=None if progress is None else lambda phase: progress(phase, 0, 0, ""))
     with clock("prepare"):
         prepared, layers, skipped = _prepare(model, config, memory)
     with closing(BatchStore.within(memory, config.work_dir)) as store:
@@ -84,8 +87,9 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
             streams = NetworkStreams(prepared, layers, batches, store, layout=layout, seed=config.seed,
                                      choose=_chooser(config.abits, clock, activations),
                                      compensate=config.error_compensation)
-        solved, layer_reports = _solve_layers(streams, weights, bits, config, clock,
-                                              _reporter(progress, "layers", prepared, layers))
+        with clock("layers"):
+            solved, layer_reports = _solve_layers(streams, weights, bits, config, clock,
+                                                  _reporter(progress, "layers", prepared, layers))
         with clock("write"):
             quantized = write_qdq(prepared, layout, solved, streams.quantizers, weight_storage=config.weight_storage)
             _stamp(model, quantized, config, layer_reports, sample_count(batches))
@@ -97,14 +101,15 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
     report = Report(layers=layer_reports, skipped=skipped, activations=activations, equalized=equalized,
                     calibration_samples=sample_count(batches), activation_bits=config.abits,
                     phase_seconds=clock.seconds, float_bytes=model.ByteSize(), quant_bytes=quantized.ByteSize(),
-                    peak_rss_bytes=peak_rss(), spilled_bytes=spilled_bytes, options=asdict(config), warnings=warnings)
+                    peak_rss_bytes=peak_rss(), spilled_bytes=spilled_bytes, options=asdict(config),
+                    calibration=describe(calibration), wall_seconds=time.perf_counter() - start, warnings=warnings)
     return quantized, report
 
 
 def quantize_file(input_path: str | os.PathLike, output_path: str | os.PathLike, calibration,
                   config: QuantConfig | None = None, *, report_path: str | os.PathLike | None = None,
-                  external_data: bool | None = None, calibration_files: list[Path] = (),
-                  progress: Progress | None = None) -> Report:
+                  report_to: Callable[[str], None] | None = None, external_data: bool | None = None,
+                  calibration_files: list[Path] = (), progress: Progress | None = None) -> Report:
     """quantize() from file to file, with the command's guarantees (README, Guarantees): every
     output path is checked against the files read (the model, its external data,
     `calibration_files`) and each other before any work; the model's external data must stay in
@@ -114,15 +119,18 @@ def quantize_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
         calibration: as for quantize(), or a function of the loaded model that returns it (when
             the data depend on the model, e.g. its input size).
         report_path: where to write the JSON report; None writes none.
+        report_to: called with the JSON report before the files are renamed into place (e.g. to
+            print it): if it raises, nothing is written.
         external_data: store the weights in `<output>.data`; None decides by size (2 GiB).
 
     Returns:
         The Report, with the sizes of the files and their paths (Report.files).
     """
+    start = time.perf_counter()
     config = config or QuantConfig()
     input_path, output_path = Path(input_path), Path(output_path)
     if config.work_dir is None:  # spilled tensors beside the output: the disk it is written to
-        config = replace(config, work_dir=str(output_path.parent))
+        config = replace(config, work_dir=str(output_path.parent.resolve()))
     report_path = Path(report_path) if report_path is not None else None
     if not input_path.is_file():
         raise ModelError(f"input model '{input_path}' does not exist or is not a file")
@@ -131,18 +139,25 @@ def quantize_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
                        inputs + list(calibration_files))
     float_bytes = sum(path.stat().st_size for path in inputs)
     model = load_model(input_path, max_bytes=memory_limit(config.max_memory))
+    refuse_unconvertible(model)  # before the calibration data is read: it may not fit a model that cannot be converted
     if callable(calibration) and not hasattr(calibration, "get_next"):
         calibration = calibration(model)
     quantized, report = quantize(model, calibration, config, progress=progress)
     with OutputFiles() as files:
         data_path = save_model(quantized, output_path, external_data=external_data, files=files)
+        written = [output_path, data_path] if data_path else [output_path]
         report.float_bytes = float_bytes
-        report.quant_bytes = files.size(output_path) + (files.size(data_path) if data_path else 0)
+        report.quant_bytes = sum(files.size(path) for path in written)
         report.files = {"input": str(input_path), "output": str(output_path)}
         report.files.update({"weights": str(data_path)} if data_path else {})
         report.files.update({"report": str(report_path)} if report_path else {})
+        report.sha256 = {**{str(path): file_sha256(path) for path in inputs},
+                         **{str(path): files.sha256(path) for path in written}}
+        report.wall_seconds = time.perf_counter() - start
         if report_path:
             files.write(report_path, report.to_json().encode())
+        if report_to is not None:
+            report_to(report.to_json())
     return report
 
 

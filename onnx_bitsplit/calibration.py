@@ -68,8 +68,9 @@ class ImageFolderReader(_FileReader):
         size: (height, width) of the model input, or a list of them for a model of dynamic size:
             the images are then split into that many consecutive runs, one per size, so that
             calibration sees the sizes the model will run at.
-        mean, std: per-channel normalisation in pixel units, x = (pixel - mean) / std, in the
-            order of the channels fed (BGR with bgr=True).
+        preset: the normalisation x = (pixel - mean) / std by name (PRESETS). Defaults to "tf".
+        mean, std: per-channel mean and std in pixel units, in the order of the channels fed
+            (BGR with bgr=True); either overrides the preset's.
         count: read at most this many images. Defaults to all.
         layout: "nchw" ([1, 3, H, W] feeds) or "nhwc" ([1, H, W, 3]). Defaults to "nchw".
         bgr: feed the channels in BGR order (OpenCV-trained models). Defaults to False.
@@ -78,21 +79,36 @@ class ImageFolderReader(_FileReader):
     """
 
     def __init__(self, folder: str | Path, input_name: str, size: tuple[int, int] | list[tuple[int, int]], *,
-                 mean=PRESETS["tf"][0], std=PRESETS["tf"][1], count: int | None = None,
+                 preset: str = "tf", mean=None, std=None, count: int | None = None,
                  layout: str = "nchw", bgr: bool = False, crop_ratio: float = CROP_FRACTION):
+        if preset not in PRESETS:
+            raise CalibrationError(f"preset must be one of {', '.join(PRESETS)}, got '{preset}'")
         if layout not in LAYOUTS:
             raise CalibrationError(f"layout must be one of {', '.join(LAYOUTS)}, got '{layout}'")
         if not 0.0 < crop_ratio <= 1.0:
             raise CalibrationError(f"crop ratio must be in (0, 1], got {crop_ratio}")
+        self.folder, self.preset = Path(folder), preset
         self.paths = image_paths(folder)[:count]
         self.input_name = input_name
         self.sizes = [tuple(s) for s in size] if size and isinstance(size[0], (tuple, list)) else [tuple(size)]
         self.layout, self.bgr, self.crop_ratio = layout, bgr, crop_ratio
+        mean = PRESETS[preset][0] if mean is None else mean
+        std = PRESETS[preset][1] if std is None else std
         self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
         if not (np.isfinite(self.mean).all() and np.isfinite(self.std).all() and (self.std != 0).all()):
             raise CalibrationError(f"mean and std must be finite and std non-zero, got mean {mean}, std {std}")
         self._next = 0
+
+    def labels(self) -> list[int] | None:
+        """The class of each image from its file name (labels_from_names), or None."""
+        return labels_from_names(self.paths)
+
+    def describe(self) -> dict:
+        return {"reader": "images", "folder": str(self.folder), "images": len(self.paths), "preset": self.preset,
+                "mean": self.mean.ravel().tolist(), "std": self.std.ravel().tolist(),
+                "sizes": [list(size) for size in self.sizes], "layout": self.layout, "bgr": self.bgr,
+                "crop_ratio": self.crop_ratio}
 
     def _read(self, index: int) -> dict[str, np.ndarray]:
         size = self.sizes[index * len(self.sizes) // len(self.paths)]
@@ -117,9 +133,13 @@ class NpyReader(_FileReader):
             p for p in _listdir(path) if p.suffix.lower() in ARRAY_SUFFIXES)
         if not self.paths:
             raise CalibrationError(f"no .npy or .npz files in '{path}'")
+        self.path = path
         self.input_names = input_names
         self.max_bytes = max_bytes
         self._next = 0
+
+    def describe(self) -> dict:
+        return {"reader": "arrays", "path": str(self.path), "files": len(self.paths)}
 
     def _read(self, index: int) -> dict[str, np.ndarray]:
         path = self.paths[index]
@@ -192,6 +212,13 @@ def load_image(path: Path, size: tuple[int, int], crop_ratio: float = CROP_FRACT
             return np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise CalibrationError(f"cannot read image '{path.name}': {exc}") from None
+
+
+def describe(calibration) -> dict:
+    """How a calibration source makes its samples: a reader's own description, else its type."""
+    if callable(getattr(calibration, "describe", None)):
+        return calibration.describe()
+    return {"reader": type(calibration).__name__}
 
 
 def as_feeds(calibration) -> Iterator[dict[str, np.ndarray]]:

@@ -20,8 +20,10 @@ from .calibration import as_feeds, batch_feeds, sample_count
 from .shapes import input_shapes
 from .errors import BitsplitError, ModelError, first_line
 from .providers import Placement, open_runner
-from . import __version__
-from .report import SCHEMA, finite_json
+from .report import clipped, finite_json, printable, record_header
+
+NAME_WIDTH = 24  # an output's name in the table
+FALLBACKS_LISTED = 10  # nodes that did not run on the provider, named in the table
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class CheckReport:
     latency_ms_quant: float = 0.0
     placement: Placement = field(default_factory=lambda: Placement("cpu"))
     provider_agreement: float | None = None
+    files: dict[str, str] = field(default_factory=dict)  # role -> path, where the command knows them
+    sha256: dict[str, str] = field(default_factory=dict)  # path -> digest of each model file compared
 
     def table(self) -> str:
         """A readable table for people."""
@@ -71,24 +75,27 @@ class CheckReport:
             lines.append(f"{provider}: " + ("the whole graph ran there" if self.placement.whole else
                                             f"{len(self.placement.fallbacks)} nodes did not run there")
                          + f"; argmax agreement with the same model on cpu {100 * self.provider_agreement:.1f}%")
-            lines += [f"  {op} {name}: {reason}" for op, name, reason in self.placement.fallbacks[:20]]
+            fallbacks = self.placement.fallbacks
+            lines += [f"  {printable(op)} {printable(name)}: {printable(reason)}"
+                      for op, name, reason in fallbacks[:FALLBACKS_LISTED]]
+            if len(fallbacks) > FALLBACKS_LISTED:
+                lines.append(f"  and {len(fallbacks) - FALLBACKS_LISTED} more")
         lines += [
-                 f"{'output':<24} {'agree':>7} {'top-1 float':>11} {'top-1 quant':>11} {'cosine':>8} "
+                 f"{'output':<{NAME_WIDTH}} {'agree':>7} {'top-1 float':>11} {'top-1 quant':>11} {'cosine':>8} "
                  f"{'SQNR dB':>8} {'max |err|':>10}"]
         for o in self.outputs:
             top1 = [f"{100 * v:10.1f}%" if v is not None else f"{'-':>11}" for v in (o.top1_float, o.top1_quant)]
-            lines.append(f"{o.name[:24]:<24} {100 * o.agreement:6.1f}% {top1[0]} {top1[1]} {o.cosine:8.4f} "
-                         f"{o.sqnr_db:8.2f} {o.max_abs_error:10.4g}")
+            lines.append(f"{clipped(o.name, NAME_WIDTH):<{NAME_WIDTH}} {100 * o.agreement:6.1f}% {top1[0]} {top1[1]} "
+                         f"{o.cosine:8.4f} {o.sqnr_db:8.2f} {o.max_abs_error:10.4g}")
         return "\n".join(lines)
 
     def to_json(self, *, min_agree: float | None = None, min_sqnr: float | None = None) -> str:
         """Versioned, strict JSON: {"schema": 1, "tool", "thresholds", "passed", "failures",
         "samples", "batch_size", "outputs": [...], "latency_ms_float", "latency_ms_quant",
-        "placement", "provider_agreement"}; non-finite numbers (the SQNR of identical outputs)
-        are null."""
+        "placement", "provider_agreement", "files", "sha256"}; non-finite numbers (the SQNR of
+        identical outputs) are null."""
         failures = self.failures(min_agree=min_agree, min_sqnr=min_sqnr)
-        document = {"schema": SCHEMA, "tool": {"name": "onnx-bitsplit", "version": __version__},
-                    "thresholds": {"min_agree": min_agree, "min_sqnr": min_sqnr},
+        document = {**record_header(), "thresholds": {"min_agree": min_agree, "min_sqnr": min_sqnr},
                     "passed": not failures, "failures": failures, **asdict(self)}
         return json.dumps(finite_json(document), indent=2, allow_nan=False)
 
@@ -99,12 +106,12 @@ class CheckReport:
             failed.append(f"{len(self.placement.fallbacks)} nodes did not run on {self.placement.provider}")
         for o in self.outputs:
             if not o.finite:
-                failed.append(f"output '{o.name}': not finite (NaN or infinite values)")
+                failed.append(f"output '{printable(o.name)}': not finite (NaN or infinite values)")
                 continue
             if min_agree is not None and o.agreement < min_agree:
-                failed.append(f"output '{o.name}': agreement {o.agreement:.4f} < {min_agree}")
+                failed.append(f"output '{printable(o.name)}': agreement {o.agreement:.4f} < {min_agree}")
             if min_sqnr is not None and o.sqnr_db < min_sqnr:
-                failed.append(f"output '{o.name}': SQNR {o.sqnr_db:.2f} dB < {min_sqnr} dB")
+                failed.append(f"output '{printable(o.name)}': SQNR {o.sqnr_db:.2f} dB < {min_sqnr} dB")
         return failed
 
 
@@ -116,11 +123,14 @@ def compare(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, feeds, *
     Args:
         float_model, quant_model: models with the same inputs and outputs.
         feeds: a CalibrationDataReader or an iterable of {input_name: ndarray}.
-        labels: the class of each sample, in order, for top-1 accuracy.
+        labels: the class of each sample, in order, for top-1 accuracy. Defaults to the reader's
+            own (ImageFolderReader.labels(): from file names such as 042_name.jpg), if any.
         batch_size: samples run at once where the batch axis is dynamic.
         count: use at most this many samples. Defaults to all.
         provider: where the quantized model runs (providers.PROVIDERS).
     """
+    if labels is None and callable(getattr(feeds, "labels", None)):
+        labels = feeds.labels()
     float_shapes, shapes = input_shapes(float_model), input_shapes(quant_model)  # the quantized one may be static
     if float_shapes.keys() != shapes.keys():
         raise ModelError("the two models have different inputs")

@@ -11,7 +11,6 @@ number when interrupted (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP). Nothing is left b
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import sys
@@ -26,17 +25,17 @@ import onnx
 
 from . import __version__
 from .api import quantize_file
-from .calibration import (ARRAY_SUFFIXES, CROP_FRACTION, LAYOUTS, PRESETS, ImageFolderReader, NpyReader,
-                          labels_from_names)
+from .calibration import ARRAY_SUFFIXES, CROP_FRACTION, LAYOUTS, PRESETS, ImageFolderReader, NpyReader
 from .check import compare
 from .config import QuantConfig, memory_limit
 from .qdq_format import ACTIVATION_BITS, WEIGHT_STORAGE
 from .options import IMAGE_SIZE, INPUT_SHAPE, Bits, ByteSize, ChannelValues, FiniteFloat, Fraction, LayerBits
 from .shapes import input_shapes, named_shapes
 from .errors import BitsplitError, CalibrationError, Terminated, first_line
-from .modelio import load_model
+from .modelio import file_sha256, load_model, model_files
 from .providers import PROVIDERS
-from .report import printable
+from .progress import progress_for
+from .report import error_json, printable
 from .memory import keep_freed_blocks
 
 EXIT_ERROR = 1
@@ -175,24 +174,26 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
                      bgr: bool, crop_ratio: float, max_memory: int | None, **options):
     """Quantize a float ONNX model to a low-bit QDQ model with Bit-Split and Stitching."""
     images = ImageOptions(preset, mean, std, input_size, layout, bgr, crop_ratio)
-    with _one_line_errors(verbose):
-        config = QuantConfig(
-            layer_wbits=dict(layer_bits), exclude=exclude, sample_rows=sample_rows or None,
-            calib_count=calib_count, max_memory=max_memory, work_dir=None if work_dir is None else str(work_dir),
-            input_shapes=_input_shapes(input_path, input_shapes), **options)
-        to_stdout = report_path == Path("-")
-        keep_freed_blocks()
-        report = _quantize_with_progress(
-            input_path, output_path,
-            lambda model: _reader(model, calib, calib_count, images, max_memory, config.input_shapes),
-            config, quiet, report_path=None if to_stdout else report_path, external_data=external_data or None,
-            calibration_files=_data_files(calib))
-        if to_stdout:
-            _emit(report.to_json())
-        if not quiet:
-            click.echo(report.summary(), err=True)
-            click.echo("wrote " + " and ".join(path for role, path in report.files.items()
-                                               if role in ("output", "weights", "report")), err=True)
+    to_stdout = report_path == Path("-")
+    progress = None if quiet else progress_for()
+    try:
+        with _one_line_errors(verbose):
+            config = QuantConfig(
+                layer_wbits=dict(layer_bits), exclude=exclude, sample_rows=sample_rows or None,
+                calib_count=calib_count, max_memory=max_memory, work_dir=None if work_dir is None else str(work_dir),
+                input_shapes=_input_shapes(input_path, input_shapes), **options)
+            keep_freed_blocks()
+            report = quantize_file(
+                input_path, output_path,
+                lambda model: _reader(model, calib, calib_count, images, max_memory, config.input_shapes),
+                config, report_path=None if to_stdout else report_path, report_to=_emit if to_stdout else None,
+                external_data=external_data or None, calibration_files=_data_files(calib), progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if not quiet:
+        wrote = [path for role, path in report.files.items() if role in ("output", "weights", "report")]
+        _note(report.summary() + "\nwrote " + " and ".join(wrote))
 
 
 @click.command(context_settings=CONTEXT)
@@ -237,9 +238,11 @@ def check_command(float_path: Path, quant_path: Path, data: Path, count: int | N
         reader = _reader(quant_model, data, count, images, max_memory)
         if calib is not None:
             _warn_overlap(data, calib, count)
-        labels = _labels(reader, labels_path)
+        labels = _labels(labels_path)
         report = compare(float_model, quant_model, reader, labels=labels, count=count, provider=provider,
                          batch_size=batch_size)
+        report.files = {"float": str(float_path), "quantized": str(quant_path), "data": str(data)}
+        report.sha256 = {str(path): file_sha256(path) for path in model_files(float_path) + model_files(quant_path)}
         if not quiet:
             _emit(report.to_json(min_agree=min_agree, min_sqnr=min_sqnr) if as_json else report.table())
     failures = report.failures(min_agree=min_agree, min_sqnr=min_sqnr)
@@ -252,13 +255,22 @@ def check_command(float_path: Path, quant_path: Path, data: Path, count: int | N
 def _warn_overlap(data: Path, calib: Path, count: int | None) -> None:
     """A warning when check samples are calibration samples (the same bytes, whatever the name)."""
     def digests(paths):
-        return {hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+        return {file_sha256(p) for p in paths}
 
     samples = sorted(_data_files(data))[:count]
     shared = len(digests(samples) & digests(_data_files(calib)))
     if shared:
         click.echo(f"warning: {shared} of the {len(samples)} --data files are calibration data (--calib): "
                    "agreement on them is inflated", err=True)
+
+
+def _note(text: str) -> None:
+    """Text for people on stderr: a stream that cannot take it (closed, a full disk) does not
+    fail a run whose results are written."""
+    try:
+        click.echo(text, err=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _emit(text: str) -> None:
@@ -272,9 +284,10 @@ def _emit(text: str) -> None:
         raise BitsplitError(f"cannot write to standard output: {exc.strerror or exc}") from None
 
 
-def _labels(reader, labels_path: Path | None) -> list[int] | None:
+def _labels(labels_path: Path | None) -> list[int] | None:
+    """The labels file's classes, one integer a line; None without one (the reader's own then)."""
     if labels_path is None:
-        return labels_from_names(reader.paths) if isinstance(reader, ImageFolderReader) else None
+        return None
     if not labels_path.is_file():
         raise CalibrationError(f"labels file '{labels_path}' does not exist")
     try:
@@ -338,35 +351,8 @@ def _reader(model: onnx.ModelProto, path: Path, count: int | None, images: Image
     sizes = list(images.sizes) or [(height, width)]
     if not all(sizes[0]):
         raise CalibrationError(f"input '{name}' has a dynamic size; give one with --input-size HxW")
-    preset_mean, preset_std = PRESETS[images.preset]
-    return ImageFolderReader(path, name, sizes, mean=images.mean or preset_mean, std=images.std or preset_std,
+    return ImageFolderReader(path, name, sizes, preset=images.preset, mean=images.mean, std=images.std,
                              count=count, layout=layout, bgr=images.bgr, crop_ratio=images.crop_ratio)
-
-
-def _quantize_with_progress(input_path: Path, output_path: Path, calibration, config: QuantConfig, quiet: bool,
-                            **options):
-    """quantize_file() with a progress bar per phase on stderr when it is a terminal, opened once
-    the phase's first layer is done (so an early error prints nothing but its own line); the bars
-    count work, so their time estimates hold when layers differ in size."""
-    if quiet or not sys.stderr.isatty():
-        return quantize_file(input_path, output_path, calibration, config, **options)
-    bars = {}
-
-    def progress(phase: str, done: int, total: int, name: str) -> None:
-        if phase not in bars:
-            for bar in bars.values():
-                bar.__exit__(None, None, None)
-            bars[phase] = click.progressbar(length=total, label=phase, file=sys.stderr, show_percent=True,
-                                            item_show_func=lambda item: item).__enter__()
-        bars[phase].update(done - bars[phase].pos, printable(name)[-40:])
-
-    try:
-        return quantize_file(input_path, output_path, calibration, config, progress=progress, **options)
-    finally:
-        if bars:
-            list(bars.values())[-1].__exit__(None, None, None)
-
-
 
 
 @click.group(context_settings=CONTEXT)
@@ -393,18 +379,24 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"no such command '{args[0]}' (commands: {', '.join(cli.commands)}; see onnx-bitsplit --help)",
                   EXIT_USAGE)
         args = ["quantize", *args]
+    record = args[:1] == ["quantize"] and _reports_to_stdout(args)
     try:
         code = cli.main(args, prog_name="onnx-bitsplit", standalone_mode=False)
     except click.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "onnx-bitsplit"
-        _fail(f"{exc.format_message()} (see {command} --help)", EXIT_USAGE)
+        _fail(f"{exc.format_message()} (see {command} --help)", EXIT_USAGE, record)
     except click.ClickException as exc:
-        _fail(exc.format_message(), exc.exit_code)
+        _fail(exc.format_message(), exc.exit_code, record)
     except click.exceptions.Abort:
-        _fail(Terminated.describe(signal.SIGINT), 128 + signal.SIGINT)
+        _fail(Terminated.describe(signal.SIGINT), 128 + signal.SIGINT, record)
     except Terminated as exc:  # a signal while click parses the command line
-        _fail(Terminated.describe(exc.signum), 128 + exc.signum)
+        _fail(Terminated.describe(exc.signum), 128 + exc.signum, record)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _reports_to_stdout(args: list[str]) -> bool:
+    """Whether the command line asks for the JSON report on standard output (--report -)."""
+    return "--report=-" in args or any(a == "--report" and b == "-" for a, b in zip(args, args[1:]))
 
 
 def _looks_like_a_command(word: str) -> bool:
@@ -412,6 +404,14 @@ def _looks_like_a_command(word: str) -> bool:
     return word.isidentifier() and not Path(word).exists()
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"Error: {printable(' '.join(message.split()))}", err=True)
+def _fail(message: str, code: int, record: bool = False) -> None:
+    """Exit with `code` after one `Error:` line on stderr and, with `record`, the error's JSON
+    record on stdout (what a pipeline parsing --report - reads)."""
+    message = printable(" ".join(message.split()))
+    _note(f"Error: {message}")
+    if record:
+        try:
+            click.echo(error_json(message, code))
+        except (OSError, ValueError):
+            pass
     sys.exit(code)

@@ -44,6 +44,7 @@ SIGN_PRESERVING_OPS = {
     "SpaceToDepth", "DepthToSpace",
 }
 FLOAT_LAYER_OPS = {"ConvTranspose", "LSTM", "GRU", "RNN", "Einsum"}  # weighted, reported as kept in float
+LAYER_OPS = {"Conv", "Gemm", "MatMul"}
 NON_NEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp", "Softplus"}
 
 
@@ -123,10 +124,7 @@ def prepare(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | N
         max_bytes: refuse a model any of whose tensors of known shape (constants to fold among
             them) would need more bytes than this.
     """
-    quantized = sorted({op for op in _op_types(model.graph)
-                        if op in QUANTIZED_OPS or op.startswith(QUANTIZED_PREFIXES)})
-    if quantized:
-        raise ModelError(f"the model is already quantized (it has {', '.join(quantized)} nodes)")
+    refuse_unconvertible(model)
     if input_shapes:
         model = _copy(model)
         set_input_shapes(model, input_shapes)
@@ -145,13 +143,30 @@ def prepare(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | N
         return export(graph)
 
 
-def _op_types(graph: onnx.GraphProto):
-    """The op type of every node, subgraphs (If, Loop, Scan bodies) included."""
-    for node in graph.node:
-        yield node.op_type
-        for attribute in node.attribute:
-            for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
-                yield from _op_types(subgraph)
+def refuse_unconvertible(model: onnx.ModelProto) -> None:
+    """Refuse, from the model alone, one this tool cannot convert: already quantized (anywhere:
+    subgraphs and model-local functions included), or without any Conv, Gemm or MatMul.
+
+    Raises:
+        ModelError: saying which.
+    """
+    ops = set(_op_types(model))
+    quantized = sorted(op for op in ops if op in QUANTIZED_OPS or op.startswith(QUANTIZED_PREFIXES))
+    if quantized:
+        raise ModelError(f"the model is already quantized (it has {', '.join(quantized)} nodes)")
+    if not ops & LAYER_OPS:
+        raise ModelError("the model has no Conv, Gemm or MatMul to quantize")
+
+
+def _op_types(model: onnx.ModelProto):
+    """The op type of every node: the graph's, its subgraphs' (If, Loop, Scan bodies) and its
+    model-local functions'."""
+    bodies = [model.graph, *model.functions]
+    while bodies:
+        for node in bodies.pop().node:
+            yield node.op_type
+            for attribute in node.attribute:
+                bodies += [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
 
 
 def check_tensor_sizes(model: onnx.ModelProto, max_bytes: int) -> None:
@@ -161,19 +176,28 @@ def check_tensor_sizes(model: onnx.ModelProto, max_bytes: int) -> None:
     Raises:
         ModelError: naming the tensor and its size.
     """
+    for sparse in model.graph.sparse_initializer:  # made dense when the model loads
+        _check_size(sparse.values.name, list(sparse.dims), sparse.values.data_type, max_bytes)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # inference fails on odd models; onnxruntime then judges them
         return
-    for value in inferred.graph.value_info:
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
         tensor = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-        if not tensor.HasField("shape") or None in dims or not tensor.elem_type:
-            continue
-        size = int(np.prod(dims, dtype=np.float64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
-        if size > max_bytes:
-            raise ModelError(f"tensor '{value.name}' would need {size / 2**30:.1f} GiB, over the memory limit of "
-                             f"{max_bytes / 2**30:.1f} GiB (--max-memory)")
+        if tensor.HasField("shape") and None not in dims and tensor.elem_type:
+            _check_size(value.name, dims, tensor.elem_type, max_bytes)
+
+
+def _check_size(name: str, dims: list[int], elem_type: int, max_bytes: int) -> None:
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
+    except (KeyError, ValueError, TypeError):  # a type numpy has no name for (strings): one byte a value at least
+        itemsize = 1
+    size = float(np.prod(dims, dtype=np.float64)) * itemsize
+    if size > max_bytes:
+        raise ModelError(f"tensor '{name}' would need {size / 2**30:.1f} GiB, over the memory limit of "
+                         f"{max_bytes / 2**30:.1f} GiB (--max-memory)")
 
 
 def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -310,7 +334,7 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[tuple[str
     for node in model.graph.node:
         if node.op_type in FLOAT_LAYER_OPS:
             skipped.append((node.name, f"{node.op_type} is kept in float"))
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+        if node.op_type not in LAYER_OPS:
             continue
         weight_index = _weight_index(node, initializers)
         weight = initializers[node.input[weight_index]] if weight_index is not None else None

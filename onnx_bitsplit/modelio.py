@@ -8,6 +8,7 @@ output under a name it chooses, never at a location taken from a model (cf. CVE-
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -160,6 +161,10 @@ class OutputFiles:
             self.staged.append((Path(temporary), path))
         return os.fdopen(handle, "wb")
 
+    def sha256(self, path: Path) -> str:
+        """The SHA-256 of what is staged for `path`."""
+        return next(file_sha256(temporary) for temporary, final in self.staged if final == path)
+
     def size(self, path: Path) -> int:
         """Bytes staged so far for `path` (0 when nothing is)."""
         return next((temporary.stat().st_size for temporary, final in self.staged if final == path), 0)
@@ -218,6 +223,15 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, external_data: bool 
         except ValueError as exc:  # protobuf's 2 GiB limit
             raise BitsplitError(f"cannot write '{path}': {first_line(exc)}") from None
     return data_path
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, read a block at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def weights_path(path: Path) -> Path:

@@ -1,12 +1,14 @@
 """What a conversion did: per-layer figures and phase times. summary() and to_json() are views.
 
-The JSON (`--report`) is versioned: {"schema": 1, "tool": {"name", "version"}, "files": {...},
-"options": {...QuantConfig}, "calibration_samples", "activation_bits", "sizes": {"float_bytes",
-"quant_bytes"}, "memory": {"peak_rss_bytes", "spilled_bytes"}, "phase_seconds": {name: s}, "layers": [{name, op, bits, outputs, inputs,
-groups, rel_error, rtn_rel_error, seconds, sensitivity, reason}], "skipped": [{name, reason}],
+The JSON (`--report`) is versioned: {"schema": 1, "tool": {"name", "version", "versions": {package:
+version}}, "files": {role: path}, "sha256": {path: digest}, "options": {...QuantConfig},
+"calibration": {how the samples were made}, "calibration_samples", "activation_bits",
+"sizes": {"float_bytes", "quant_bytes"}, "memory": {"peak_rss_bytes", "spilled_bytes"},
+"wall_seconds", "phase_seconds": {name: s}, "layers": [{name, op, bits, outputs, inputs, groups,
+rel_error, rtn_rel_error, seconds, sensitivity, reason}], "skipped": [{name, reason}],
 "activations": [{tensor, rel_error}], "equalized": [{producer, consumer, spread, note}],
-"warnings": [line]}.
-Non-finite numbers are written as null, so strict parsers read it.
+"warnings": [line]}. A conversion that failed writes {"schema", "tool", "error": {"message",
+"exit_code"}} instead. Non-finite numbers are written as null, so strict parsers read it.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 
 from . import __version__
 
 SCHEMA = 1
+PACKAGES = ("onnx", "onnxruntime", "numpy")  # whose versions a record names besides this tool's
 TIME_LINE_PHASES = 4  # the slowest phases named on the summary's time line; the rest as "other"
 
 
@@ -68,6 +72,9 @@ class Report:
         spilled_bytes: stream tensors written to the work folder (past the memory budget).
         options: the options of the conversion (QuantConfig as a dict).
         files: the files a file-to-file conversion read and wrote (quantize_file), by role.
+        sha256: the SHA-256 of each of those files (external data included), by path.
+        calibration: how the calibration samples were made (calibration.describe()).
+        wall_seconds: the conversion's wall time, end to end.
         warnings: what the user should know about the result (one line each).
     """
 
@@ -84,6 +91,9 @@ class Report:
     spilled_bytes: int = 0
     options: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    wall_seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
     def summary(self, worst: int = 5) -> str:
@@ -134,14 +144,16 @@ class Report:
     def to_json(self) -> str:
         """The versioned JSON of the module docstring."""
         document = {
-            "schema": SCHEMA,
-            "tool": {"name": "onnx-bitsplit", "version": __version__},
+            **record_header(),
             "files": self.files,
+            "sha256": self.sha256,
             "options": self.options,
+            "calibration": self.calibration,
             "calibration_samples": self.calibration_samples,
             "activation_bits": self.activation_bits,
             "sizes": {"float_bytes": self.float_bytes, "quant_bytes": self.quant_bytes},
             "memory": {"peak_rss_bytes": self.peak_rss_bytes, "spilled_bytes": self.spilled_bytes},
+            "wall_seconds": self.wall_seconds,
             "phase_seconds": self.phase_seconds,
             "layers": [_layer_json(layer) for layer in self.layers],
             "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped],
@@ -150,6 +162,22 @@ class Report:
             "warnings": self.warnings,
         }
         return json.dumps(finite_json(document), indent=2, allow_nan=False)
+
+
+def record_header() -> dict:
+    """What every JSON record starts with: its schema and the tool and library versions that made it."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {"schema": SCHEMA, "tool": {"name": "onnx-bitsplit", "version": __version__, "versions": versions}}
+
+
+def error_json(message: str, exit_code: int) -> str:
+    """The record of a run that failed."""
+    return json.dumps({**record_header(), "error": {"message": message, "exit_code": exit_code}}, indent=2)
 
 
 def _layer_json(layer: LayerReport) -> dict:
@@ -176,19 +204,29 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def clipped(text: str, width: int) -> str:
+    """printable(text) in at most `width` characters, its end replaced by '…' when cut."""
+    text = printable(text)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def _mib(size: int) -> str:
     return f"{size / 2**20:.2f} MiB"
 
 
 class PhaseClock:
-    """Wall time per phase into `seconds`; a phase entered inside another is not counted twice."""
+    """Wall time per phase into `seconds`; a phase entered inside another is not counted twice.
+    `started(name)` is called when a phase is first entered outside any other."""
 
-    def __init__(self):
+    def __init__(self, started=None):
         self.seconds: dict[str, float] = {}
         self.inner: list[float] = []
+        self.started = started
 
     @contextmanager
     def __call__(self, name: str):
+        if self.started is not None and not self.inner and name not in self.seconds:
+            self.started(name)
         start = time.perf_counter()
         self.inner.append(0.0)
         try:

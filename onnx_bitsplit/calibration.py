@@ -20,6 +20,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 ARRAY_SUFFIXES = {".npy", ".npz"}
 CROP_FRACTION = 0.875  # resize the short side to size/0.875, then center-crop: ImageNet's eval recipe
 LAYOUTS = ("nchw", "nhwc")
+RESIZES = ("crop", "letterbox", "pad", "fit")  # how an image is brought to the input's size (load_image)
+LETTERBOX_PIXEL = 114.0  # the gray YOLO's letterbox pads with
+FIT_MULTIPLE = 32  # the stride a detector's sides must be a multiple of
 # Samples per batch when the batch axis is dynamic and no batch size is given: about this much
 # input. A batch's activations (several times its input) then stay in memory that malloc reuses
 # rather than maps afresh (and page-faults) for every run.
@@ -76,11 +79,17 @@ class ImageFolderReader(_FileReader):
         bgr: feed the channels in BGR order (OpenCV-trained models). Defaults to False.
         crop_ratio: the center crop's share of the resized short side (ImageNet's 0.875; 1.0
             resizes the short side to the input and crops only the long one). Defaults to 0.875.
+        resize: how an image is brought to `size`, one of RESIZES (load_image): "crop" (the
+            default), "letterbox" (padded with gray 114, as YOLO), "pad" (text lines: to the
+            height, padded on the right with zeros after normalisation, as PaddleOCR) or "fit"
+            (the whole image, sides multiples of 32, no padding: detectors of dynamic size).
     """
 
     def __init__(self, folder: str | Path, input_name: str, size: tuple[int, int] | list[tuple[int, int]], *,
                  preset: str = "tf", mean=None, std=None, count: int | None = None,
-                 layout: str = "nchw", bgr: bool = False, crop_ratio: float = CROP_FRACTION):
+                 layout: str = "nchw", bgr: bool = False, crop_ratio: float = CROP_FRACTION, resize: str = "crop"):
+        if resize not in RESIZES:
+            raise CalibrationError(f"resize must be one of {', '.join(RESIZES)}, got '{resize}'")
         if preset not in PRESETS:
             raise CalibrationError(f"preset must be one of {', '.join(PRESETS)}, got '{preset}'")
         if layout not in LAYOUTS:
@@ -91,7 +100,7 @@ class ImageFolderReader(_FileReader):
         self.paths = image_paths(folder)[:count]
         self.input_name = input_name
         self.sizes = [tuple(s) for s in size] if size and isinstance(size[0], (tuple, list)) else [tuple(size)]
-        self.layout, self.bgr, self.crop_ratio = layout, bgr, crop_ratio
+        self.layout, self.bgr, self.crop_ratio, self.resize = layout, bgr, crop_ratio, resize
         mean = PRESETS[preset][0] if mean is None else mean
         std = PRESETS[preset][1] if std is None else std
         self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
@@ -108,11 +117,13 @@ class ImageFolderReader(_FileReader):
         return {"reader": "images", "folder": str(self.folder), "images": len(self.paths), "preset": self.preset,
                 "mean": self.mean.ravel().tolist(), "std": self.std.ravel().tolist(),
                 "sizes": [list(size) for size in self.sizes], "layout": self.layout, "bgr": self.bgr,
-                "crop_ratio": self.crop_ratio}
+                "crop_ratio": self.crop_ratio, "resize": self.resize}
 
     def _read(self, index: int) -> dict[str, np.ndarray]:
         size = self.sizes[index * len(self.sizes) // len(self.paths)]
-        pixels = load_image(self.paths[index], size, self.crop_ratio)
+        # "pad" fills with the mean, zeros once normalised; the pixels are RGB, the mean in the order fed
+        fill = (self.mean[::-1] if self.bgr else self.mean).ravel() if self.resize == "pad" else LETTERBOX_PIXEL
+        pixels = load_image(self.paths[index], size, self.crop_ratio, resize=self.resize, fill=fill)
         image = (((pixels[::-1] if self.bgr else pixels) - self.mean) / self.std)[None]
         return {self.input_name: np.ascontiguousarray(image.transpose(0, 2, 3, 1) if self.layout == "nhwc" else image)}
 
@@ -189,29 +200,72 @@ def _listdir(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_file()]
 
 
-def load_image(path: Path, size: tuple[int, int], crop_ratio: float = CROP_FRACTION) -> np.ndarray:
-    """An image as (3, height, width) float32 RGB pixels in [0, 255]: the short side resized to
-    max(size) / crop_ratio, then the center cropped to `size`.
+def load_image(path: Path, size: tuple[int, int], crop_ratio: float = CROP_FRACTION, *, resize: str = "crop",
+               fill=LETTERBOX_PIXEL) -> np.ndarray:
+    """An image as (3, height, width) float32 RGB pixels in [0, 255], resized to `size` by one of
+    RESIZES:
+    - crop: the short side resized to max(size) / crop_ratio, then the center cropped to `size`;
+    - letterbox: the whole image scaled to fit `size`, centered, the rest `fill` (YOLO's);
+    - pad: scaled to the height, at most the width, placed left, the rest `fill` (text-line
+      recognizers and classifiers: PaddleOCR's);
+    - fit: the whole image scaled to fit `size`, each side rounded to a multiple of FIT_MULTIPLE,
+      no padding: the result's size varies (text detectors of dynamic size: PaddleOCR's).
+    `fill` is a pixel value, or one per channel.
 
     Memory stays bounded by the output, whatever the file declares: JPEGs are decoded at the
-    smallest size the decoder offers above the one needed, only the crop's source box is resized,
-    and images over PIL's decompression-bomb limit are refused."""
+    smallest size the decoder offers above the one needed, only the source box needed is
+    resized, and images over PIL's decompression-bomb limit are refused."""
     from PIL import Image, UnidentifiedImageError
 
-    height, width = size
     try:
         with Image.open(path) as image:
-            scale = max(height, width) / crop_ratio / min(image.size)
-            image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
-            image = image.convert("RGB")
-            scale = max(height, width) / crop_ratio / min(image.size)  # the draft may have shrunk it
-            resized = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
-            left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
-            box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
-            image = image.resize((width, height), Image.BILINEAR, box=box)
-            return np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+            if image.size[0] * image.size[1] > Image.MAX_IMAGE_PIXELS:
+                raise CalibrationError(f"image '{path.name}' has {image.size[0]}x{image.size[1]} pixels, over the "
+                                       f"limit of {Image.MAX_IMAGE_PIXELS} (a decompression bomb?)")
+            target, box, placed, canvas = _geometry(image.size, size, crop_ratio, resize)
+            image.draft("RGB", (max(1, math.ceil(image.size[0] * target[0] / (box[2] - box[0]))),
+                                max(1, math.ceil(image.size[1] * target[1] / (box[3] - box[1])))))
+            box = _geometry(image.size, size, crop_ratio, resize)[1]  # in the pixels decoded: the draft may shrink
+            image = image.convert("RGB").resize(target, Image.BILINEAR, box=box)
+            pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise CalibrationError(f"cannot read image '{path.name}': {exc}") from None
+    if placed is None:
+        return pixels
+    result = np.empty((3, *canvas), np.float32)
+    result[:] = np.asarray(fill, np.float32).reshape(-1, 1, 1)
+    top, left = placed
+    result[:, top:top + target[1], left:left + target[0]] = pixels
+    return result
+
+
+def _geometry(source: tuple[int, int], size: tuple[int, int], crop_ratio: float, resize: str):
+    """Where a (width, height) source goes for `size` (height, width) and a RESIZES mode:
+    (the resized (width, height), the source box it comes from, (top, left) of its place on the
+    canvas or None without padding, the canvas (height, width))."""
+    width, height = source
+    out_height, out_width = size
+    whole = (0.0, 0.0, float(width), float(height))
+    if resize == "crop":
+        scale = max(out_height, out_width) / crop_ratio / min(width, height)
+        resized = (max(out_width, round(width * scale)), max(out_height, round(height * scale)))
+        left, top = (resized[0] - out_width) // 2, (resized[1] - out_height) // 2
+        box = (left / scale, top / scale, (left + out_width) / scale, (top + out_height) / scale)
+        return (out_width, out_height), box, None, size
+    if resize == "letterbox":
+        scale = min(out_height / height, out_width / width)
+        target = (max(1, round(width * scale)), max(1, round(height * scale)))
+        top = round((out_height - target[1]) / 2 - 0.1)
+        left = round((out_width - target[0]) / 2 - 0.1)
+        return target, whole, (top, left), size
+    if resize == "pad":
+        target = (min(out_width, math.ceil(out_height * width / height)), out_height)
+        return target, whole, (0, 0), size
+    if resize == "fit":
+        scale = min(out_height / height, out_width / width)
+        target = tuple(max(FIT_MULTIPLE, round(side * scale / FIT_MULTIPLE) * FIT_MULTIPLE) for side in (width, height))
+        return target, whole, None, (target[1], target[0])
+    raise CalibrationError(f"resize must be one of {', '.join(RESIZES)}, got '{resize}'")
 
 
 def describe(calibration) -> dict:

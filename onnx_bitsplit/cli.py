@@ -25,7 +25,7 @@ import onnx
 
 from . import __version__
 from .api import quantize_file
-from .calibration import ARRAY_SUFFIXES, CROP_FRACTION, LAYOUTS, PRESETS, ImageFolderReader, NpyReader
+from .calibration import ARRAY_SUFFIXES, CROP_FRACTION, LAYOUTS, PRESETS, RESIZES, ImageFolderReader, NpyReader
 from .check import compare
 from .config import QuantConfig, memory_limit
 from .qdq_format import ACTIVATION_BITS, WEIGHT_STORAGE
@@ -90,6 +90,11 @@ def image_options(command):
         click.option("--layout", type=click.Choice(LAYOUTS),
                      help="Image tensor layout.  [default: from the model's input, channels of 3]"),
         click.option("--bgr", is_flag=True, help="Feed channels in BGR order (--mean/--std in that order too)."),
+        click.option("--resize", type=click.Choice(RESIZES), default="crop", show_default=True,
+                     help="How images are brought to the input's size: crop (resize the short side, center-crop), "
+                          "letterbox (fit, pad with gray 114: YOLO), pad (to the height, pad the width with zeros "
+                          "after normalisation: OCR text lines), fit (fit, sides multiples of 32, no padding: "
+                          "detectors of dynamic size)."),
         click.option("--crop-ratio", type=FiniteFloat(0.0, 1.0, min_open=True), default=CROP_FRACTION,
                      show_default=True,
                      help="Resize the short side to size/RATIO, then center-crop (1 crops only the long side)."),
@@ -171,9 +176,9 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
                      input_shapes: tuple[tuple[str, tuple[int, ...]], ...], layer_bits: tuple[tuple[str, int], ...],
                      exclude: tuple[str, ...], sample_rows: int, work_dir: Path | None, report_path: Path | None,
                      external_data: bool, quiet: bool, verbose: bool, preset: str, mean, std, input_size, layout: str,
-                     bgr: bool, crop_ratio: float, max_memory: int | None, **options):
+                     bgr: bool, crop_ratio: float, resize: str, max_memory: int | None, **options):
     """Quantize a float ONNX model to a low-bit QDQ model with Bit-Split and Stitching."""
-    images = ImageOptions(preset, mean, std, input_size, layout, bgr, crop_ratio)
+    images = ImageOptions(preset, mean, std, input_size, layout, bgr, crop_ratio, resize)
     to_stdout = report_path == Path("-")
     progress = None if quiet else progress_for()
     try:
@@ -228,10 +233,10 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
 def check_command(float_path: Path, quant_path: Path, data: Path, count: int | None, batch_size: int,
                   calib: Path | None, max_memory: int | None, labels_path: Path | None, min_agree: float | None,
                   min_sqnr: float | None, provider: str, as_json: bool, quiet: bool, verbose: bool,
-                  preset: str, mean, std, input_size, layout: str, bgr: bool, crop_ratio: float):
+                  preset: str, mean, std, input_size, layout: str, bgr: bool, crop_ratio: float, resize: str):
     """Run a float model and its quantized version on the same inputs and compare them: argmax
     agreement, top-1 where labels are known, cosine similarity, SQNR, max error, latency."""
-    images = ImageOptions(preset, mean, std, input_size, layout, bgr, crop_ratio)
+    images = ImageOptions(preset, mean, std, input_size, layout, bgr, crop_ratio, resize)
     with _one_line_errors(verbose):
         limit = memory_limit(max_memory)
         float_model, quant_model = load_model(float_path, max_bytes=limit), load_model(quant_path, max_bytes=limit)
@@ -328,6 +333,7 @@ class ImageOptions:
     layout: str | None
     bgr: bool
     crop_ratio: float
+    resize: str
 
 
 def _reader(model: onnx.ModelProto, path: Path, count: int | None, images: ImageOptions, max_memory: int | None,
@@ -352,7 +358,8 @@ def _reader(model: onnx.ModelProto, path: Path, count: int | None, images: Image
     if not all(sizes[0]):
         raise CalibrationError(f"input '{name}' has a dynamic size; give one with --input-size HxW")
     return ImageFolderReader(path, name, sizes, preset=images.preset, mean=images.mean, std=images.std,
-                             count=count, layout=layout, bgr=images.bgr, crop_ratio=images.crop_ratio)
+                             count=count, layout=layout, bgr=images.bgr, crop_ratio=images.crop_ratio,
+                             resize=images.resize)
 
 
 @click.group(context_settings=CONTEXT)

@@ -25,7 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .providers import make_session
-from .graph import export
+from .graph import export, merge_defaults, split_defaults
 from .qdq_format import Names
 
 MAX_STRETCH = 16.0  # no channel is scaled by more than this relative to the largest factor
@@ -67,8 +67,9 @@ def equalize(model: onnx.ModelProto, layer_names: set[str],
     Returns:
         (the equalized model, or `model` itself when no pair qualifies; one record per pair).
     """
-    graph = gs.import_onnx(model)
     names = Names.of_model(model)
+    stripped, defaults = split_defaults(model)
+    graph = gs.import_onnx(stripped)
     pairs = _find_pairs(graph, layer_names)
     if not pairs:
         return model, []
@@ -82,7 +83,7 @@ def equalize(model: onnx.ModelProto, layer_names: set[str],
         records.append(EqualizedPair(pair.producer.name, pair.consumer.name,
                                      float(factors.max() / factors.min()), note))
     graph.cleanup().toposort()
-    return export(graph), records
+    return merge_defaults(export(graph), defaults), records
 
 
 def _find_pairs(graph: gs.Graph, layer_names: set[str]) -> list[_Pair]:

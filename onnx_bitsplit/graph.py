@@ -45,6 +45,7 @@ SIGN_PRESERVING_OPS = {
 }
 FLOAT_LAYER_OPS = {"ConvTranspose", "LSTM", "GRU", "RNN", "Einsum"}  # weighted, reported as kept in float
 LAYER_OPS = {"Conv", "Gemm", "MatMul"}
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 NON_NEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp", "Softplus"}
 
 
@@ -131,7 +132,7 @@ def prepare(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | N
     if max_bytes is not None:
         check_tensor_sizes(model, max_bytes)
     # onnxruntime's fusions list the opset versions they know: run them at the model's own opset
-    model = _to_opset(_optimize(model))
+    model, defaults = split_defaults(_to_opset(_optimize(model)))
     with gs.logger.G_LOGGER.suppress():  # its findings reach the user as our errors, or not at all
         graph = gs.import_onnx(model)
         names = Names.of_model(model)
@@ -140,12 +141,41 @@ def prepare(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | N
         _fold_batch_norms(graph, names)
         _fold_gemm_factors(graph, names)
         _add_missing_biases(graph, names)
-        return export(graph)
+        return merge_defaults(export(graph), defaults)
+
+
+def constant_initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The initializers that are constants: not also graph inputs (ONNX's overridable defaults,
+    which a caller may feed and which stay inputs of the output)."""
+    inputs = {i.name for i in model.graph.input}
+    return {t.name: t for t in model.graph.initializer if t.name not in inputs}
+
+
+def split_defaults(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """(a copy of the model without its overridable defaults, those defaults): graphsurgeon
+    takes an initializer for a constant and drops it from the inputs, so an edit through it
+    sets them aside and merge_defaults() puts them back."""
+    inputs = {i.name for i in model.graph.input}
+    defaults = [t for t in model.graph.initializer if t.name in inputs]
+    if not defaults:
+        return model, []
+    copy = _copy(model)
+    kept = [t for t in copy.graph.initializer if t.name not in inputs]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept)
+    return copy, defaults
+
+
+def merge_defaults(model: onnx.ModelProto, defaults: list[onnx.TensorProto]) -> onnx.ModelProto:
+    """The model with the defaults split_defaults() set aside back among its initializers."""
+    model.graph.initializer.extend(defaults)
+    return model
 
 
 def refuse_unconvertible(model: onnx.ModelProto) -> None:
     """Refuse, from the model alone, one this tool cannot convert: already quantized (anywhere:
-    subgraphs and model-local functions included), or without any Conv, Gemm or MatMul.
+    subgraphs and model-local functions included), without any Conv, Gemm or MatMul, or with a
+    float constant that is not finite (it would make every scale and bias it reaches NaN).
 
     Raises:
         ModelError: saying which.
@@ -156,6 +186,23 @@ def refuse_unconvertible(model: onnx.ModelProto) -> None:
         raise ModelError(f"the model is already quantized (it has {', '.join(quantized)} nodes)")
     if not ops & LAYER_OPS:
         raise ModelError("the model has no Conv, Gemm or MatMul to quantize")
+    for tensor in _constants(model):
+        if tensor.data_type in FLOAT_TYPES and not np.isfinite(onnx.numpy_helper.to_array(tensor)).all():
+            raise ModelError(f"constant '{tensor.name}' has NaN or infinite values: the model's constants must be finite")
+
+
+def _constants(model: onnx.ModelProto):
+    """Every constant tensor of the model: initializers and Constant nodes' values, subgraphs and
+    model-local functions included."""
+    bodies = [model.graph, *model.functions]
+    while bodies:
+        body = bodies.pop()
+        yield from getattr(body, "initializer", ())
+        for node in body.node:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    yield attribute.t
+                bodies += [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
 
 
 def _op_types(model: onnx.ModelProto):
@@ -325,7 +372,7 @@ def _add_missing_biases(graph: gs.Graph, names: Names) -> None:
 def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[tuple[str, str]]]:
     """The quantizable layers of a prepared model in topological order, and the (name, reason)
     of each weighted layer left in float."""
-    initializers = {t.name: t for t in model.graph.initializer}
+    initializers = constant_initializers(model)
     uses: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -413,7 +460,7 @@ def _conv_geometry(attrs: dict, shape: tuple[int, ...]) -> ConvGeometry:
 def non_negative_tensors(model: onnx.ModelProto) -> set[str]:
     """The tensors that are provably >= 0 (after Relu, Clip(min >= 0), ...), in one pass over the
     topologically sorted nodes."""
-    initializers = {t.name: t for t in model.graph.initializer}
+    initializers = constant_initializers(model)
 
     def constant_min(name: str) -> float | None:
         tensor = initializers.get(name)

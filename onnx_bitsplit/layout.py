@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import onnx
 
-from .graph import LayerSpec, non_negative_tensors
+from .graph import LayerSpec, constant_initializers, non_negative_tensors
 
 # operator -> positions of its data inputs (the rest are parameters: shapes, pads, scales, roi...)
 UNIT_OPS: dict[str, tuple[int, ...]] = {
@@ -107,7 +107,7 @@ class Layout:
 def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec]) -> Layout:
     """The node units of a prepared model whose quantized layers are `layers`."""
     graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
+    initializers = constant_initializers(model)
     floats = _float_tensors(model)
     producers = {name: index for index, node in enumerate(graph.node) for name in node.output}
     producers.update({i.name: -1 for i in graph.input if i.name not in initializers})

@@ -21,7 +21,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from . import __version__
 from .layout import Layout
-from .graph import LayerSpec
+from .graph import LayerSpec, merge_defaults, split_defaults
 from .qdq_format import (IR_VERSION, ActivationQuant, Names, QuantizerNames, dequantize_node, quantize_linear,
                          quantize_node, quantizer_constants, weight_bytes, weight_dtype)
 from .weights import WeightQuant
@@ -40,6 +40,7 @@ def write_qdq(model: onnx.ModelProto, layout: Layout, weights: list[WeightQuant]
         weight_storage: one of qdq_format.WEIGHT_STORAGE.
     """
     names = Names.of_model(model)
+    model, defaults = split_defaults(model)
     with gs.logger.G_LOGGER.suppress():
         graph = gs.import_onnx(model)
         tensors = graph.tensors()
@@ -52,7 +53,7 @@ def write_qdq(model: onnx.ModelProto, layout: Layout, weights: list[WeightQuant]
             source = nodes[decision.removed_node].inputs[0] if decision.removed_node else None
             _quantize_activation(graph, names, tensors[decision.name], quantizers[decision.name], source)
         graph.cleanup().toposort()
-        quantized = gs.export_onnx(graph)
+        quantized = merge_defaults(gs.export_onnx(graph), defaults)
     quantized.ir_version = IR_VERSION
     return quantized
 

@@ -73,13 +73,16 @@ class CheckReport:
                  f"float {self.latency_ms_float:.2f} ms (cpu), quantized {self.latency_ms_quant:.2f} ms ({provider})"]
         if provider != "cpu":
             lines.append(f"{provider}: " + ("the whole graph ran there" if self.placement.whole else
-                                            f"{len(self.placement.fallbacks)} nodes did not run there")
+                                            self.placement.shortfall())
                          + f"; argmax agreement with the same model on cpu {100 * self.provider_agreement:.1f}%")
             fallbacks = self.placement.fallbacks
             lines += [f"  {printable(op)} {printable(name)}: {printable(reason)}"
                       for op, name, reason in fallbacks[:FALLBACKS_LISTED]]
             if len(fallbacks) > FALLBACKS_LISTED:
                 lines.append(f"  and {len(fallbacks) - FALLBACKS_LISTED} more")
+            if self.placement.log_lines:
+                lines.append(f"{provider} printed {self.placement.log_lines} lines while running, such as:")
+                lines += [f"  {clipped(line, 96)}" for line in self.placement.log_sample]
         lines += [
                  f"{'output':<{NAME_WIDTH}} {'agree':>7} {'top-1 float':>11} {'top-1 quant':>11} {'cosine':>8} "
                  f"{'SQNR dB':>8} {'max |err|':>10}"]
@@ -103,7 +106,7 @@ class CheckReport:
         """One line for each output below a gate."""
         failed = []
         if not self.placement.whole:
-            failed.append(f"{len(self.placement.fallbacks)} nodes did not run on {self.placement.provider}")
+            failed.append(self.placement.shortfall())
         for o in self.outputs:
             if not o.finite:
                 failed.append(f"output '{printable(o.name)}': not finite (NaN or infinite values)")

@@ -30,6 +30,8 @@ QNN_OPTIONS = {"backend_type": "htp", "offload_graph_io_quantization": "0"}
 # OpenVINO layer types whose precision tells whether the model runs as integer kernels
 OPENVINO_WEIGHTED = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution"}
 INTEGER_PRECISIONS = {"u8", "i8"}
+LOCATION_LINE = re.compile(r"^(Exception from \S+:\d+:?|\[ ?\w+ ?\])$")
+LOG_SAMPLE = 3  # distinct lines of a provider's native output kept for the report
 QNN_REASON = re.compile(r"Validation FAILED for \d+ nodes in OrtNodeUnit \((\w+)\)\s*:\s*REASON\s*:\s*(.+)")
 
 
@@ -46,6 +48,15 @@ class Placement:
     provider: str
     whole: bool = True
     fallbacks: list[tuple[str, str, str]] = field(default_factory=list)
+    log_lines: int = 0  # lines the provider's native code printed while running the model
+    log_sample: list[str] = field(default_factory=list)  # the first distinct few of them
+
+    def shortfall(self) -> str:
+        """What kept the model from running whole here, in a few words."""
+        if self.provider == "openvino":
+            return (f"{len(self.fallbacks)} weighted layers ran on openvino in floating point "
+                    "(see their precision), not as integer kernels")
+        return f"{len(self.fallbacks)} nodes did not run on {self.provider}"
 
 
 class Runner:
@@ -64,7 +75,7 @@ def make_session(model: onnx.ModelProto, *, qdq_fusion: bool = True, spinning: b
         qdq_fusion: let onnxruntime fuse QuantizeLinear/DequantizeLinear around operators into
             integer kernels, as it does for a deployed model. Off, Q and DQ run as written: the
             simulation's segments need that, since their weights are float constants that
-            onnxruntime would otherwise quantize on its own (tests/test_scaling.py fails then).
+            onnxruntime would otherwise quantize on its own, unlike the written model.
         spinning: let onnxruntime's worker threads busy-wait for the next run. Off for sessions
             whose runs alternate with numpy work: the spinning threads would hold its cores.
     """
@@ -96,6 +107,35 @@ def open_runner(model: onnx.ModelProto, provider: str) -> Runner:
 def _session_runner(session: ort.InferenceSession, placement: Placement) -> Runner:
     names = [o.name for o in session.get_outputs()]
     return Runner(lambda feed: session.run(names, feed), names, placement)
+
+
+def _logged_runner(session: ort.InferenceSession, placement: Placement) -> Runner:
+    """A runner whose runs' native output (the QNN simulator's, which can repeat a line without
+    end) is counted and sampled into the placement instead of flooding the user's terminal."""
+    names = [o.name for o in session.get_outputs()]
+
+    def run(feed):
+        with _captured_stderr() as log:
+            results = session.run(names, feed)
+        lines = [line.rstrip() for line in log.read().splitlines() if line.strip()]
+        log.close()
+        placement.log_lines += len(lines)
+        for line in lines:
+            if len(placement.log_sample) >= LOG_SAMPLE:
+                break
+            if line not in placement.log_sample:
+                placement.log_sample.append(line)
+        return results
+
+    return Runner(run, names, placement)
+
+
+def cause_line(exc: BaseException) -> str:
+    """The line of an exception's message that says why: OpenVINO's start with where in its
+    sources the exception was thrown ("Exception from src/...cpp:84:"), the cause follows."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if not LOCATION_LINE.match(line)]
+    return causes[0] if causes else first_line(exc)
 
 
 def _require(provider: str):
@@ -141,7 +181,7 @@ def _qnn_runner(model: onnx.ModelProto) -> Runner:
     try:
         with _quiet_output():
             session = ort.InferenceSession(data, _qnn_options(devices, fallback=False))
-        return _session_runner(session, Placement("qnn"))
+        return _logged_runner(session, Placement("qnn"))
     except Exception as exc:
         refusal = first_line(exc)
     try:
@@ -156,7 +196,7 @@ def _qnn_runner(model: onnx.ModelProto) -> Runner:
     fallbacks = [(node.op_type, node.name, reasons.get(node.op_type, "not taken by QNN") + hint)
                  for subgraph in session.get_provider_graph_assignment_info() if subgraph.ep_name != QNN_EP
                  for node in subgraph.get_nodes()]
-    return _session_runner(session, Placement("qnn", whole=not fallbacks, fallbacks=fallbacks))
+    return _logged_runner(session, Placement("qnn", whole=not fallbacks, fallbacks=fallbacks))
 
 
 def _openvino_runner(model: onnx.ModelProto) -> Runner:
@@ -170,7 +210,7 @@ def _openvino_runner(model: onnx.ModelProto) -> Runner:
         try:
             compiled = core.compile_model(core.read_model(str(path)), "CPU")
         except Exception as exc:
-            raise BitsplitError(f"OpenVINO cannot load the model: {first_line(exc)}") from None
+            raise BitsplitError(f"OpenVINO cannot load the model: {cause_line(exc)}") from None
     fallbacks = []
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()

@@ -103,8 +103,7 @@ class ImageFolderReader(_FileReader):
         self.layout, self.bgr, self.crop_ratio, self.resize = layout, bgr, crop_ratio, resize
         mean = PRESETS[preset][0] if mean is None else mean
         std = PRESETS[preset][1] if std is None else std
-        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
+        self.mean, self.std = _per_channel("mean", mean), _per_channel("std", std)
         if not (np.isfinite(self.mean).all() and np.isfinite(self.std).all() and (self.std != 0).all()):
             raise CalibrationError(f"mean and std must be finite and std non-zero, got mean {mean}, std {std}")
         self._next = 0
@@ -187,6 +186,14 @@ class NpyReader(_FileReader):
                                    f"{self.max_bytes / 2**30:.1f} GiB (--max-memory)")
 
 
+def _per_channel(what: str, values) -> np.ndarray:
+    """One value, or three (one per channel), as a (3, 1, 1) float32 array."""
+    values = np.asarray(values, np.float32).ravel()
+    if values.size not in (1, 3):
+        raise CalibrationError(f"{what} must be one value or three, got {values.size}")
+    return np.resize(values, 3).reshape(3, 1, 1)
+
+
 def image_paths(folder: str | Path) -> list[Path]:
     paths = sorted(p for p in _listdir(Path(folder)) if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
@@ -263,7 +270,8 @@ def _geometry(source: tuple[int, int], size: tuple[int, int], crop_ratio: float,
         return target, whole, (0, 0), size
     if resize == "fit":
         scale = min(out_height / height, out_width / width)
-        target = tuple(max(FIT_MULTIPLE, round(side * scale / FIT_MULTIPLE) * FIT_MULTIPLE) for side in (width, height))
+        target = tuple(max(FIT_MULTIPLE, round(int(side * scale) / FIT_MULTIPLE) * FIT_MULTIPLE)
+                       for side in (width, height))
         return target, whole, None, (target[1], target[0])
     raise CalibrationError(f"resize must be one of {', '.join(RESIZES)}, got '{resize}'")
 

@@ -167,7 +167,7 @@ def image_options(command):
               help="Where tensors past the memory budget go (a temporary folder, removed on exit).  "
                    "[default: the output's folder]")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
-              help="Write the versioned JSON report (README) to this file, or '-' for standard output.")
+              help="Write the versioned JSON report (docs/json.md) to this file, or '-' for standard output.")
 @click.option("--external-data", is_flag=True,
               help="Store the weights in OUT.onnx.data beside the output (automatic above 2 GiB).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
@@ -227,7 +227,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
               help="Run the quantized model on onnxruntime's CPU, on Qualcomm's NPU (QNN HTP, package "
                    "onnxruntime-qnn; no CPU fallback) or on OpenVINO's CPU plugin (package openvino); "
                    "exit with 3 unless the whole graph runs there.")
-@click.option("--json", "as_json", is_flag=True, help="Print versioned JSON (README) instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print versioned JSON (docs/json.md) instead of a table.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but failures and warnings.")
 @click.option("--verbose", "-v", is_flag=True, help="On an error, print the full traceback before its line.")
 def check_command(float_path: Path, quant_path: Path, data: Path, count: int | None, batch_size: int,

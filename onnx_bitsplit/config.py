@@ -29,7 +29,7 @@ class QuantConfig:
             `wbits`. Defaults to 8 (the paper's setting).
         depthwise_wbits: weight bits of depthwise Convs (one output channel per group); None keeps
             them at `wbits`. A depthwise row has only kh·kw weights (9 for 3x3) for its 4-bit grid,
-            and these layers hold about 1% of a model's weights. Defaults to 8 (docs/benchmarks.md).
+            and these layers hold about 1% of a model's weights. Defaults to 8 (docs/benchmarks.md, Ablation).
         layer_wbits: weight bits by node name, fnmatch pattern ('*depthwise*'), operator type
             ('op:Gemm') or '@depthwise' (every depthwise Conv); overrides everything above. An
             exact name wins over patterns; among patterns, the first that matches. A pattern that
@@ -43,7 +43,7 @@ class QuantConfig:
             target from the float one. Defaults to True.
         compensation_blend: with error compensation, X~ = blend·(quantized-network input) +
             (1 - blend)·(float input); below 1 it keeps the solve from fitting the calibration
-            set's particular quantization errors (docs/benchmarks.md).
+            set's particular quantization errors (docs/benchmarks.md, How the compensation blend was chosen).
             Defaults to 0.5.
         bias_correction: shift each bias by the mean output error of its layer. Defaults to True.
         equalization: fold per-channel factors into each Conv -> Conv pair (the paper's ECAQ,
@@ -52,15 +52,16 @@ class QuantConfig:
             round-to-nearest integers and scales of the initialisation. Defaults to 10.
         damping: ridge on the Gram matrices, as a fraction of their mean diagonal; it pulls the
             solution toward the float weights where the calibration data says little; it keeps
-            error compensation from fitting the calibration set (docs/benchmarks.md). Defaults to 0.3.
+            error compensation from fitting the calibration set (docs/benchmarks.md, Ablation). Defaults to 0.3.
         sample_rows: patch rows (output positions over all calibration samples) each layer's
             statistics are estimated from: a seeded uniform sample of this many (divided by the
             groups of a grouped Conv), or of 64 per weight column if that is more; None uses
             every row. Bounds the statistics' cost at any image size and calibration count
-            (docs/benchmarks.md). Defaults to 65536.
+            (docs/benchmarks.md, What the row sample and the seed cost). Defaults to 65536.
         seed: the seed of the samples a conversion draws (each layer's patch rows, each
             tensor's values for its quantizer): the same seed gives the same model; other seeds
-            show how much a result owes to the samples (docs/benchmarks.md). Defaults to 0.
+            show how much a result owes to the samples (docs/benchmarks.md, What the row sample and
+            the seed cost). Defaults to 0.
         batch_size: calibration samples run through onnxruntime at once; None: as many as make
             about 4 MiB of input (calibration.RUN_INPUT_BYTES). Defaults to None.
         calib_count: use at most this many calibration samples. Defaults to 256.

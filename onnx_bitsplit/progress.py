@@ -17,6 +17,7 @@ import click
 from .report import printable
 
 LOG_INTERVAL = 15.0  # seconds between two lines in a log, at most
+LOG_DELAY = 10.0  # nothing in a log before this: a run that ends (or fails) sooner prints only its result
 
 
 def progress_for(stream=None):
@@ -56,14 +57,15 @@ class TerminalBars:
 
 
 class LogLines:
-    """Plain lines for a log: each phase as it starts, then where it is at most every
-    LOG_INTERVAL seconds, written by a timer thread when the conversion reports nothing itself
-    (one long step prints too)."""
+    """Plain lines for a log, from LOG_DELAY seconds on: where the conversion is then, each phase
+    as it starts, and where it is at least every LOG_INTERVAL seconds, written by a timer
+    thread when the conversion reports nothing itself (one long step prints too)."""
 
-    def __init__(self, stream, interval: float = LOG_INTERVAL):
+    def __init__(self, stream, interval: float = LOG_INTERVAL, delay: float = LOG_DELAY):
         self.stream = stream
-        self.interval = interval
+        self.interval, self.delay = interval, delay
         self.start = self.last = time.monotonic()
+        self.printed = False
         self.phase, self.fraction = None, None
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -74,20 +76,28 @@ class LogLines:
         with self.lock:
             if phase != self.phase:
                 self.phase, self.fraction = phase, None
-                self._line(f"{phase} ...")
+                if self.printed:
+                    self._line(f"{phase} ...")
             if total:
                 self.fraction = done / total
-                if time.monotonic() - self.last >= self.interval:
-                    self._line(self._status())
+            if self._due():
+                self._line(self._status())
 
     def close(self) -> None:
         self.stopped.set()
+        self.timer.join()
 
     def _tick(self) -> None:
-        while not self.stopped.wait(1.0):
+        while not self.stopped.wait(min(1.0, self.interval / 4)):
             with self.lock:
-                if self.phase is not None and time.monotonic() - self.last >= self.interval:
+                if self.phase is not None and self._due():
                     self._line(self._status())
+
+    def _due(self) -> bool:
+        now = time.monotonic()
+        if not self.printed:
+            return now - self.start >= self.delay
+        return now - self.last >= self.interval
 
     def _status(self) -> str:
         elapsed = time.monotonic() - self.start
@@ -95,7 +105,7 @@ class LogLines:
         return f"{self.phase}:{done} {elapsed:.0f} s since the start"
 
     def _line(self, text: str) -> None:
-        self.last = time.monotonic()
+        self.last, self.printed = time.monotonic(), True
         if self.stream is None:
             return
         try:

@@ -106,6 +106,15 @@ def calibration_feeds(model: onnx.ModelProto, count: int = 32, seed: int = 1) ->
     return [{INPUT: rng.normal(0, 1, dims).astype(np.float32)} for _ in range(count)]
 
 
+def damaged(model: onnx.ModelProto, scale: float = -1.0) -> onnx.ModelProto:
+    """A copy of the model with its first weight multiplied by `scale`."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    weight = copy.graph.initializer[0]
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * scale, weight.name))
+    return copy
+
+
 def image_model(size: int = 16) -> onnx.ModelProto:
     """
         x [N,3,size,size] -> Conv 3x3 (3->4) -> Relu -> Conv 1x1 (4->4) -> y

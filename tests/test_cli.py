@@ -1,6 +1,12 @@
-"""The command line: files in and out, one-line errors, no partial output."""
+"""The command line: routing (`quantize` implied, `check`), flags into a conversion, one line and a
+documented exit code for every failure, signals and interrupts, the fuzzer's rules."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -8,38 +14,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from graphs import calibration_feeds, conv_model, image_model
-from onnx_bitsplit.cli import quantize_command as main
+from graphs import conv_model, image_model
+from onnx_bitsplit.cli import check_command, main
+from tools.fuzz import run_fuzz
 
 
-@pytest.fixture
-def model_path(tmp_path):
-    path = tmp_path / "model.onnx"
-    onnx.save(conv_model(), path)
-    return path
-
-
-@pytest.fixture
-def npy_dir(tmp_path):
-    folder = tmp_path / "calib"
-    folder.mkdir()
-    for index, feed in enumerate(calibration_feeds(conv_model(), count=6)):
-        np.save(folder / f"{index:02d}.npy", feed["x"])
-    return folder
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, text):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error:") and text in lines[0], result.output
-    assert "Traceback" not in result.output
-
-
-def test_help_lists_the_options():
+def test_help_lists_the_options(invoke):
     result = invoke("--help")
     assert result.exit_code == 0
     for option in ("--calib", "--calib-count", "--preset", "--mean", "--std", "--wbits",
@@ -47,7 +27,7 @@ def test_help_lists_the_options():
         assert option in result.output
 
 
-def test_converts_and_writes_report(tmp_path, model_path, npy_dir):
+def test_converts_and_writes_report(tmp_path, model_path, npy_dir, invoke):
     out, report = tmp_path / "q.onnx", tmp_path / "report.json"
     before = model_path.read_bytes()
     result = invoke(model_path, out, "--calib", npy_dir, "--wbits", "4", "--report", report)
@@ -64,7 +44,7 @@ def test_converts_and_writes_report(tmp_path, model_path, npy_dir):
     assert out.stat().st_mode & 0o777 == report.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
 
 
-def test_equalize_flag(tmp_path, model_path, npy_dir):
+def test_equalize_flag(tmp_path, model_path, npy_dir, invoke):
     report = tmp_path / "report.json"
     result = invoke(model_path, tmp_path / "q.onnx", "--calib", npy_dir, "--equalize", "--report", report)
     assert result.exit_code == 0, result.output
@@ -73,84 +53,7 @@ def test_equalize_flag(tmp_path, model_path, npy_dir):
         ("conv1", "conv2"), ("conv2", "conv3")]
 
 
-def test_image_folder_calibration(tmp_path):
-    path = tmp_path / "rgb.onnx"
-    onnx.save(image_model(), path)
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(images / "a.jpg")
-    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(images / "b.png")  # gray, small
-    Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8)).save(images / "c.png")  # RGBA
-    (images / "notes.txt").write_text("not an image")
-    result = invoke(path, tmp_path / "q.onnx", "--calib", images, "--preset", "torch")
-    assert result.exit_code == 0, result.output
-    assert "from 3 calibration samples" in result.output
-
-
-def test_unreadable_image(tmp_path):
-    path = tmp_path / "rgb.onnx"
-    onnx.save(image_model(), path)
-    images = tmp_path / "images"
-    images.mkdir()
-    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    assert_one_line_error(invoke(path, tmp_path / "q.onnx", "--calib", images), "broken.jpg")
-    assert not (tmp_path / "q.onnx").exists()
-
-
-def test_missing_input(tmp_path, npy_dir):
-    assert_one_line_error(invoke(tmp_path / "nope.onnx", tmp_path / "q.onnx", "--calib", npy_dir),
-                          "does not exist")
-
-
-def test_not_an_onnx_file(tmp_path, npy_dir):
-    path = tmp_path / "bad.onnx"
-    path.write_bytes(b"this is not a protobuf \xff\xfe")
-    assert_one_line_error(invoke(path, tmp_path / "q.onnx", "--calib", npy_dir), "cannot read")
-    assert not (tmp_path / "q.onnx").exists()
-
-
-def test_truncated_model(tmp_path, model_path, npy_dir):
-    truncated = tmp_path / "truncated.onnx"
-    truncated.write_bytes(model_path.read_bytes()[:200])
-    result = invoke(truncated, tmp_path / "q.onnx", "--calib", npy_dir)
-    assert_one_line_error(result, "")
-    assert not (tmp_path / "q.onnx").exists()
-
-
-def test_empty_calibration_folder(tmp_path):
-    path = tmp_path / "rgb.onnx"
-    onnx.save(image_model(), path)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert_one_line_error(invoke(path, tmp_path / "q.onnx", "--calib", empty), "no images")
-
-
-def test_calibration_of_the_wrong_shape(tmp_path, model_path):
-    folder = tmp_path / "wrong"
-    folder.mkdir()
-    np.save(folder / "a.npy", np.zeros((1, 3, 12, 12), np.float32))
-    assert_one_line_error(invoke(model_path, tmp_path / "q.onnx", "--calib", folder), "shape")
-    assert not (tmp_path / "q.onnx").exists()
-
-
-def test_output_equal_to_input(model_path, npy_dir):
-    before = model_path.read_bytes()
-    assert_one_line_error(invoke(model_path, model_path, "--calib", npy_dir), "input")
-    assert model_path.read_bytes() == before
-
-
-def test_missing_output_folder(tmp_path, model_path, npy_dir):
-    assert_one_line_error(invoke(model_path, tmp_path / "no" / "q.onnx", "--calib", npy_dir),
-                          "does not exist")
-
-
-def test_bad_bits(tmp_path, model_path, npy_dir):
-    assert_one_line_error(invoke(model_path, tmp_path / "q.onnx", "--calib", npy_dir, "--wbits", "9"),
-                          "wbits")
-
-
-def test_dynamic_size_images_need_input_size(tmp_path):
+def test_dynamic_size_images_need_input_size(tmp_path, invoke, assert_one_line_error):
     model = image_model()
     for value in (model.graph.input[0], model.graph.output[0]):
         dims = value.type.tensor_type.shape.dim
@@ -169,72 +72,7 @@ def test_dynamic_size_images_need_input_size(tmp_path):
     assert result.exit_code == 0 and "warning" not in result.output, result.output
 
 
-def test_several_input_sizes_split_the_images_among_them(tmp_path):
-    from onnx_bitsplit.calibration import ImageFolderReader
-    (tmp_path / "images").mkdir()
-    for index in range(5):
-        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "images" / f"{index}.png")
-    reader = ImageFolderReader(tmp_path / "images", "x", [(8, 8), (16, 12)], crop_ratio=1.0)
-    assert [feed["x"].shape for feed in reader] == [(1, 3, 8, 8)] * 3 + [(1, 3, 16, 12)] * 2
-
-
-def test_size_budget_too_small(tmp_path, model_path, npy_dir):
-    assert_one_line_error(invoke(model_path, tmp_path / "q.onnx", "--calib", npy_dir, "--size-budget", "0.01"),
-                          "size budget")
-    assert not (tmp_path / "q.onnx").exists()
-
-
-def test_activation_bits_other_than_8_are_refused(tmp_path, model_path, npy_dir):
-    assert_one_line_error(invoke(model_path, tmp_path / "q.onnx", "--calib", npy_dir, "--abits", "4"), "abits")
-
-
-def test_input_shape_makes_the_output_static(tmp_path, model_path, npy_dir):
-    out = tmp_path / "q.onnx"
-    result = invoke(model_path, out, "--calib", npy_dir, "--input-shape", "1x8x12x12", "--quiet")
-    assert result.exit_code == 0, result.output
-    dims = [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
-    assert dims == [1, 8, 12, 12]
-
-
-@pytest.mark.parametrize("shape,text", [("1x8x12", "does not fit"), ("1x9x12x12", "does not fit"),
-                                        ("ax8x12x12", "expected DIMS"), ("y=1x8x12x12", "no input 'y'")])
-def test_bad_input_shapes_are_one_line_errors(tmp_path, model_path, npy_dir, shape, text):
-    result = invoke(model_path, tmp_path / "q.onnx", "--calib", npy_dir, "--input-shape", shape)
-    assert result.exit_code != 0 and not (tmp_path / "q.onnx").exists()
-    assert text in result.output and "Traceback" not in result.output, result.output
-
-
-def test_report_to_stdout_is_versioned_json(tmp_path, model_path, npy_dir, capsys):
-    from onnx_bitsplit.cli import main as run_main
-    with pytest.raises(SystemExit) as exit_info:
-        run_main([str(model_path), str(tmp_path / "q.onnx"), "--calib", str(npy_dir), "--report", "-", "--quiet",
-                  "--exclude", "conv2"])
-    assert exit_info.value.code == 0
-    report = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
-    assert report["schema"] == 1 and report["tool"]["version"] and report["options"]["wbits"] == 4
-    assert report["files"]["input"] == str(model_path) and report["skipped"] == [{"name": "conv2", "reason": "excluded by 'conv2'"}]
-    assert all(" " not in phase for phase in report["phase_seconds"])
-    assert {"outputs", "inputs", "groups", "rel_error"} <= set(report["layers"][0])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "model.onnx", "q.onnx"]
-
-
-def test_image_layout_channel_order_and_crop(tmp_path):
-    from onnx_bitsplit.calibration import ImageFolderReader
-    (tmp_path / "images").mkdir()
-    pixels = np.zeros((20, 40, 3), np.uint8)
-    pixels[..., 0], pixels[..., 1], pixels[..., 2] = 10, 20, 30
-    pixels[:, :10] = 255  # a white band at the left: outside the center crop unless the crop is wide
-    Image.fromarray(pixels).save(tmp_path / "images" / "a.png")
-    raw = dict(mean=(0, 0, 0), std=(1, 1, 1))
-    nchw = next(iter(ImageFolderReader(tmp_path / "images", "x", (10, 10), **raw)))["x"]
-    assert nchw.shape == (1, 3, 10, 10) and nchw[0, :, 5, 5].tolist() == [10, 20, 30]
-    nhwc = next(iter(ImageFolderReader(tmp_path / "images", "x", (10, 10), layout="nhwc", bgr=True, **raw)))["x"]
-    assert nhwc.shape == (1, 10, 10, 3) and nhwc[0, 5, 5].tolist() == [30, 20, 10]
-    wide = next(iter(ImageFolderReader(tmp_path / "images", "x", (10, 20), crop_ratio=1.0, **raw)))["x"]
-    assert wide[0, 0, 5, 0] == 10 and wide[0, 0, 5, -1] == 10  # the 2:1 crop of a 2:1 image keeps all but the band
-
-
-def test_an_nhwc_model_is_calibrated_from_images(tmp_path):
+def test_an_nhwc_model_is_calibrated_from_images(tmp_path, invoke):
     """x [N,8,8,3] -> Transpose -> Conv: the layout comes from the model's input."""
     rng = np.random.default_rng(0)
     graph = onnx.helper.make_graph(
@@ -251,11 +89,112 @@ def test_an_nhwc_model_is_calibrated_from_images(tmp_path):
     assert result.exit_code == 0, result.output
 
 
-def test_sizes_count_the_external_weights_file(tmp_path, model_path, npy_dir, capsys):
-    from onnx_bitsplit.cli import main as run_main
+# every exit is one line with a documented code
+
+@pytest.mark.parametrize("args,code", [
+    ("M O C --no-such-option", 2), ("M O C --wbits four", 2), ("M C", 2), ("M O --calib", 2), ("M O", 2),
+    ("M O C --max-memory lots", 2), ("check M", 2),
+    ("M O C --wbits 9", 2), ("M O C --calib-count 0", 2),  # range-checked by click: usage errors
+])
+def test_usage_errors_are_one_line(folder, args, code, run, snapshot, assert_refused):
+    before = snapshot(folder)
+    words = {"M": folder / "model.onnx", "O": folder / "q.onnx", "C": f"--calib={folder / 'calib.npy'}"}
+    assert_refused(run(*[words.get(word, word) for word in args.split()]), "", folder, before, code=code)
+
+
+def test_a_bare_word_that_names_no_file_is_no_command(folder, run, snapshot, assert_refused):
+    before = snapshot(folder)
+    result = run("quantise", folder / "model.onnx", folder / "q.onnx", "--calib", folder / "calib.npy")
+    assert_refused(result, "no such command 'quantise'", folder, before, code=2)
+
+
+def test_version_and_the_quantize_subcommand(folder, run):
+    assert run("--version").output.startswith("onnx-bitsplit, version ")
+    result = run("quantize", folder / "model.onnx", folder / "q.onnx", "--calib", folder / "calib.npy", "-q")
+    assert result.exit_code == 0 and (folder / "q.onnx").is_file()
+
+
+def test_control_characters_in_names_are_escaped(folder, run):
+    """Names from the model never reach the terminal raw."""
+    model = conv_model()
+    for node in model.graph.node:
+        node.name = f"\x1b[31m{node.name}\x07\r"
+    onnx.save(model, folder / "ansi.onnx")
+    result = run(folder / "ansi.onnx", folder / "q.onnx", "--calib", folder / "calib.npy", "--wbits", "4")
+    assert result.exit_code == 0, result.output
+    assert not any(c in result.output for c in "\x1b\x07\r") and "\\x1b[31m" in result.output
+
+
+def test_interrupt_leaves_nothing(folder, monkeypatch, invoke):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("onnx_bitsplit.api.quantize", interrupted)
+    result = invoke(folder / "model.onnx", folder / "q.onnx", "--calib", folder / "calib.npy")
+    assert result.exit_code == 130 and result.output.strip() == "Error: interrupted"
+    assert sorted(p.name for p in folder.iterdir()) == ["calib.npy", "model.onnx"]
+
+
+def wait_until_caught(pid: int, signum: int, timeout: float = 30.0) -> None:
+    """Until the process has a handler for `signum` (Linux's /proc; elsewhere a fixed wait)."""
+    status, deadline = Path(f"/proc/{pid}/status"), time.monotonic() + timeout
+    if not status.exists():
+        time.sleep(0.3)
+        return
+    while time.monotonic() < deadline:
+        caught = next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("SigCgt:"))
+        if int(caught, 16) >> (signum - 1) & 1:
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} never installed a handler for signal {signum}")
+
+
+def test_sigterm_in_a_real_process_exits_143_and_leaves_nothing(folder, snapshot):
+    before = snapshot(folder)
+    process = subprocess.Popen([sys.executable, "-m", "onnx_bitsplit", str(folder / "model.onnx"), str(folder / "q.onnx"),
+                                "--calib", str(folder / "calib.npy")], stderr=subprocess.PIPE, text=True)
+    wait_until_caught(process.pid, signal.SIGTERM)  # then onnx and onnxruntime are still being imported
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143 and stderr.strip() == "Error: terminated by SIGTERM", stderr
+    assert snapshot(folder) == before
+
+
+def test_fuzzed_inputs_paths_and_signals():
+    """300 runs of tools/fuzz.py (damaged models and calibration data, aliased outputs, signals)."""
+    violations, outcomes = run_fuzz(300, seed=0)
+    assert violations == []
+    for kind in ("model", "calibration", "signal"):  # both success and refusal occur, so both are checked
+        assert 0 in outcomes[kind] and len(outcomes[kind]) > 1, outcomes
+    assert set(outcomes["paths"]) == {1}  # every aliased or unwritable output is refused
+
+
+# the check command: its gate, its JSON on standard output, its warning
+
+@pytest.mark.parametrize("gate,exit_code", [("0.5", 0), ("0.99", 3)])
+def test_cli_gates_on_agreement(models_and_data, gate, exit_code):
+    d = models_and_data
+    quantized = d / ("float.onnx" if gate == "0.5" else "damaged.onnx")
+    result = CliRunner().invoke(check_command, [str(d / "float.onnx"), str(quantized), "--data",
+                                                str(d / "data.npy"), "--min-agree", gate])
+    assert result.exit_code == exit_code, result.output
+    assert "agree" in result.output
+
+
+def test_cli_json_and_routing(models_and_data, capsys):
+    d = models_and_data
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", str(d / "float.onnx"), str(d / "float.onnx"), "--data", str(d / "data.npy"), "--json"])
+    assert exit_info.value.code == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["samples"] == 30 and figures["outputs"][0]["agreement"] == 1.0
+
+
+def test_overlap_with_the_calibration_data_is_warned(models_and_data, capsys):
+    d = models_and_data
     with pytest.raises(SystemExit):
-        run_main([str(model_path), str(tmp_path / "q.onnx"), "--calib", str(npy_dir), "--report", "-", "--quiet",
-                  "--external-data", "--wbits", "8"])
-    sizes = json.loads(capsys.readouterr().out)["sizes"]
-    written = (tmp_path / "q.onnx").stat().st_size + (tmp_path / "q.onnx.data").stat().st_size
-    assert sizes["quant_bytes"] == written and written > 0.2 * sizes["float_bytes"]
+        main(["check", str(d / "float.onnx"), str(d / "float.onnx"), "--data", str(d / "data.npy"),
+              "--calib", str(d / "data.npy"), "--batch-size", "7"])
+    captured = capsys.readouterr()
+    assert "1 of the 1 --data files are calibration data" in captured.err
+    assert "30 samples in batches of 7" in captured.out

@@ -1,14 +1,19 @@
-"""Graph preparation and layer discovery."""
+"""Graph preparation and layer discovery: the function kept, constants folded under names of their
+own, the layers found in every kind of model, and models this tool cannot convert refused."""
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
-from graphs import INPUT, calibration_feeds, conv_bn_model, conv_model, gemm_model, matmul_model
+from graphs import (INPUT, calibration_feeds, conv1d_conv3d_model, conv_bn_model, conv_model, feeds_for, gemm_model,
+                    matmul_left_model, matmul_model, mobile_model)
+from onnx_bitsplit import QuantConfig, quantize
 from onnx_bitsplit.errors import ModelError
-from onnx_bitsplit.graph import OPSET, find_layers, non_negative_tensors, prepare
+from onnx_bitsplit.graph import find_layers, non_negative_tensors, prepare
+from onnx_bitsplit.qdq_format import OPSET
+from runs import model_sqnr_db
 
 
 def run(model, feed):
@@ -83,3 +88,90 @@ def test_non_constant_weights_are_kept_in_float():
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 4])])
     layers, skipped = find_layers(prepare(helper.make_model(graph)))
     assert layers == [] and skipped == [("square", "weight is not a constant")]
+
+
+def test_generated_constants_are_named_after_their_node():
+    """{node}_weight_alpha and {node}_bias_beta (Gemm factors folded), {node}_bias (a bias added),
+    each unique in the model."""
+    gemm = {t.name for t in prepare(gemm_model()).graph.initializer}
+    assert {"gemm2_weight_alpha", "gemm2_bias_beta"} <= gemm and not {"w2", "b2"} & gemm
+    model = conv_model(bias=False)
+    model.graph.initializer[1].name = "conv2_bias"  # w2 takes the name conv2's added bias would get
+    model.graph.node[2].input[1] = "conv2_bias"
+    prepared = prepare(model)
+    conv1, conv2, conv3 = [node for node in prepared.graph.node if node.op_type == "Conv"]
+    assert (conv1.input[2], conv2.input[1:], conv3.input[2]) == ("conv1_bias", ["conv2_bias", "conv2_bias_1"],
+                                                                 "conv3_bias")
+
+
+# models this tool cannot convert
+
+def test_a_constant_that_would_fold_into_gigabytes_is_refused(folder, run, snapshot, assert_refused):
+    model = conv_model()
+    model.graph.node.append(helper.make_node("ConstantOfShape", ["big_shape"], ["big"], name="big"))
+    model.graph.node.append(helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0, name="sum"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([50000, 50000], np.int64), "big_shape"))
+    model.graph.output.append(helper.make_tensor_value_info("total", TensorProto.FLOAT, []))
+    onnx.save(model, folder / "fold.onnx")
+    before = snapshot(folder)
+    result = run(folder / "fold.onnx", folder / "q.onnx", "--calib", folder / "calib.npy", "--max-memory", "1G")
+    assert_refused(result, "over the memory limit", folder, before)
+
+
+@pytest.mark.parametrize("where", ["subgraph", "contrib"])
+def test_quantized_operators_anywhere_are_refused(folder, where, run, snapshot, assert_refused):
+    model = conv_model()
+    if where == "contrib":
+        model.graph.node.append(helper.make_node("MatMulNBits", ["y", "w1"], ["z"], domain="com.microsoft", K=8, N=8,
+                                                 bits=4, block_size=16))
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    else:
+        branch = helper.make_graph([helper.make_node("DequantizeLinear", ["q", "s"], ["d"])], "branch", [],
+                                   [helper.make_tensor_value_info("d", TensorProto.FLOAT, None)])
+        model.graph.node.append(helper.make_node("If", ["cond"], ["d"], then_branch=branch, else_branch=branch))
+    onnx.save(model, folder / "q_in.onnx")
+    before = snapshot(folder)
+    assert_refused(run(folder / "q_in.onnx", folder / "q.onnx", "--calib", folder / "calib.npy"),
+                   "already quantized", folder, before)
+
+
+@pytest.mark.parametrize("op", ["QuantizeLinear", "QLinearConv", "ConvInteger", "DynamicQuantizeLinear",
+                                "MatMulInteger"])
+def test_already_quantized_models_are_refused_by_the_command(folder, op, invoke, snapshot, assert_refused):
+    model = conv_model()
+    model.graph.node.append(helper.make_node(op, ["y"], ["extra"], name="quantized"))
+    onnx.save(model, folder / "quantized.onnx", )
+    before = snapshot(folder)
+    result = invoke(folder / "quantized.onnx", folder / "q.onnx", "--calib", folder / "calib.npy")
+    assert_refused(result, "already quantized", folder, before)
+
+
+# models as users have them: each kind converts and runs in onnxruntime, close to float at W8
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_old_opset_mobile_block(opset):
+    model = mobile_model(opset)
+    quantized, report = quantize(model, feeds_for(model, 24), QuantConfig(wbits=8))
+    assert quantized.opset_import[0].version == 21
+    assert [layer.name for layer in report.layers] == ["conv1", "depthwise", "pointwise", "project"]
+    assert ("upsample", "ConvTranspose is kept in float") in report.skipped
+    assert model_sqnr_db(model, quantized, feeds_for(model, 6, seed=9)) > 25
+    w4, _ = quantize(model, feeds_for(model, 24), QuantConfig(wbits=4))
+    assert model_sqnr_db(model, w4, feeds_for(model, 6, seed=9)) > 8
+
+
+def test_conv1d_quantized_conv3d_kept_two_inputs():
+    model = conv1d_conv3d_model()
+    quantized, report = quantize(model, feeds_for(model, 16), QuantConfig(wbits=8))
+    assert [layer.name for layer in report.layers] == ["conv1d_a", "conv1d_b", "gemm"]
+    assert report.skipped == [("conv3d", "Conv3d is kept in float")]
+    held_out = feeds_for(model, 6, seed=9)
+    assert model_sqnr_db(model, quantized, held_out, output=0) > 25
+    assert model_sqnr_db(model, quantized, held_out, output=1) > 100  # float, untouched
+
+
+def test_constant_on_the_left_of_matmul():
+    model = matmul_left_model()
+    quantized, report = quantize(model, feeds_for(model, 16), QuantConfig(wbits=8))
+    assert [(layer.name, layer.shape) for layer in report.layers] == [("left1", (24, 32, 1)), ("left2", (16, 24, 1))]
+    assert model_sqnr_db(model, quantized, feeds_for(model, 6, seed=9)) > 25

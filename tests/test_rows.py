@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from onnx_bitsplit.layout import ActivationQuant
+from onnx_bitsplit.qdq_format import ActivationQuant
 from onnx_bitsplit.rows import RowConverter
 
 

@@ -1,8 +1,10 @@
-"""Solver properties on synthetic data (numpy only)."""
+"""Solver properties on synthetic data (numpy only), and on a conversion's layers."""
 
 import numpy as np
 import pytest
 
+from graphs import calibration_feeds, conv_model
+from onnx_bitsplit import QuantConfig, quantize
 from onnx_bitsplit.solver import (BLOCK, ROW_BLOCK, BitSplitSolver, _columns, fwa_init, qmax_of, split, stitch,
                                   sweep_plane)
 
@@ -161,3 +163,9 @@ def test_plane_sweeps_keep_H_equal_to_qG(rng):
             exact = G @ qT
             assert np.abs(HT - exact).max() <= 1e-6 * np.abs(exact).max()
         np.testing.assert_array_equal(stitch(B), qT)
+
+
+def test_bit_split_beats_round_to_nearest_per_layer():
+    model = conv_model()
+    _, report = quantize(model, calibration_feeds(model), QuantConfig(wbits=3, first_last_wbits=None))
+    assert all(layer.rel_error < layer.rtn_rel_error for layer in report.layers)

@@ -295,7 +295,7 @@ def detector_candidates(folder: Path, feeds: list[dict]) -> dict[str, tuple]:
 
 
 def run_detector_study(args, folder: Path, pages: list[dict], float_read: list[list[str]], feeds) -> None:
-    """Only the detector quantized, once per candidate cause of its loss (README, Inside a real pipeline)."""
+    """Only the detector quantized, once per candidate cause of its loss (docs/rapidocr.md)."""
     print("\n| detector calibration and options | weights | lines exact % | CER % | lines as float % |")
     print("| --- | --- | ---: | ---: | ---: |")
     for index, (label, (calibration, options)) in enumerate(

@@ -30,7 +30,7 @@ from .check import compare
 from .config import QuantConfig, memory_limit
 from .qdq_format import ACTIVATION_BITS, WEIGHT_STORAGE
 from .options import IMAGE_SIZE, INPUT_SHAPE, Bits, ByteSize, ChannelValues, FiniteFloat, Fraction, LayerBits
-from .shapes import input_shapes, named_shapes
+from .shapes import input_shapes, misfit, named_shapes
 from .errors import BitsplitError, CalibrationError, Terminated, first_line
 from .modelio import file_sha256, load_model, model_files
 from .providers import PROVIDERS
@@ -279,14 +279,17 @@ def _note(text: str) -> None:
 
 
 def _emit(text: str) -> None:
-    """Print the result on standard output; a stdout that cannot take it (a full disk, a closed
-    pipe) is an error line, and no second failure follows when Python flushes it at exit."""
+    """Print the result on standard output; a stdout that cannot take it (closed, a full disk, a
+    closed pipe) is an error, and no second failure follows when Python flushes it at exit."""
+    if sys.stdout is None:  # closed before Python started
+        raise BitsplitError("cannot write to standard output: it is closed")
     try:
-        click.echo(text)
+        sys.stdout.write(text + "\n")
         sys.stdout.flush()
-    except OSError as exc:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise BitsplitError(f"cannot write to standard output: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise BitsplitError(f"cannot write to standard output: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _labels(labels_path: Path | None) -> list[int] | None:
@@ -309,10 +312,15 @@ def _input_shapes(path: Path, shapes: tuple[tuple[str, tuple[int, ...]], ...]) -
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
         raise BitsplitError(f"cannot read '{path}' as an ONNX model") from None
+    model_shapes = input_shapes(model)
     try:
-        return named_shapes(list(shapes), list(input_shapes(model)))
+        named = named_shapes(list(shapes), list(model_shapes))
     except BitsplitError as exc:
         raise click.BadParameter(str(exc), param_hint="--input-shape") from None
+    problem = misfit(named, model_shapes)
+    if problem:
+        raise click.BadParameter(problem, param_hint="--input-shape")
+    return named
 
 
 def _data_files(path: Path) -> list[Path]:

@@ -72,21 +72,30 @@ def named_shapes(shapes: list[tuple[str, tuple[int, ...]]], input_names: list[st
     return named
 
 
+def misfit(shapes: dict[str, tuple[int, ...]], model_shapes: dict[str, Shape]) -> str | None:
+    """Why static `shapes` do not fit a model's inputs (an unknown input, another rank, a clash
+    with a fixed dimension), or None."""
+    for name, shape in shapes.items():
+        if name not in model_shapes:
+            return f"the model has no input '{name}' (inputs: {', '.join(model_shapes)})"
+        fixed = model_shapes[name]
+        if len(shape) != len(fixed) or any(f is not None and f != s for f, s in zip(fixed, shape)):
+            wanted = "x".join(str(f) if f else "?" for f in fixed)
+            return f"{'x'.join(map(str, shape))} does not fit input '{name}' of shape {wanted}"
+    return None
+
+
 def set_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
     """Make the named inputs static, in place; output shapes are left to inference.
 
     Raises:
-        ModelError: for an unknown input, another rank, or a clash with a fixed dimension.
+        ModelError: when they do not fit (misfit()).
     """
+    problem = misfit(shapes, input_shapes(model))
+    if problem:
+        raise ModelError(f"--input-shape: {problem}")
     inputs = {i.name: i for i in model.graph.input}
-    current = input_shapes(model)
     for name, shape in shapes.items():
-        if name not in current:
-            raise ModelError(f"--input-shape: the model has no input '{name}' (inputs: {', '.join(current)})")
-        fixed = current[name]
-        if len(shape) != len(fixed) or any(f is not None and f != s for f, s in zip(fixed, shape)):
-            wanted = "x".join(str(f) if f else "?" for f in fixed)
-            raise ModelError(f"--input-shape {'x'.join(map(str, shape))} does not fit input '{name}' of shape {wanted}")
         for dim, size in zip(inputs[name].type.tensor_type.shape.dim, shape):
             dim.Clear()
             dim.dim_value = size

@@ -98,11 +98,12 @@ def test_file_to_file_api_with_a_path_and_a_reader_of_the_model(tmp_path):
         quantize_file(tmp_path / "model.onnx", tmp_path / "weights.bin", calibration_feeds(model, 4))
 
 
-def test_progress_counts_work_per_phase():
+def test_progress_announces_phases_and_counts_work_per_layer():
     model = conv_model()
-    calls = []
+    announced, calls = [], []
     quantize(model, calibration_feeds(model, 4), QuantConfig(size_budget=0.5),
-             progress=lambda phase, done, total, name: calls.append((phase, done, total, name)))
+             progress=lambda phase, done, total, name: (calls if total else announced).append((phase, done, total, name)))
+    assert [c[0] for c in announced] == ["prepare", "calibration", "sensitivity", "capture", "layers", "write"]
     assert [c[0] for c in calls] == ["sensitivity"] * 3 + ["layers"] * 3
     for phase in ("sensitivity", "layers"):
         done = [c[1] for c in calls if c[0] == phase]

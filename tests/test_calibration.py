@@ -1,6 +1,9 @@
 """Calibration data: image folders and array files read into feeds, checked against the model's
 inputs (names, shapes, sizes, finite values) and batched; bad data refused in one line."""
 
+import math
+
+import cv2  # opencv-python-headless, a test dependency: the real pipelines resize with it
 import numpy as np
 import onnx
 import pytest
@@ -104,6 +107,16 @@ def test_a_zero_std_is_refused_by_the_reader(tmp_path):
         ImageFolderReader(tmp_path / "images", "x", (16, 16), mean=(0, 0, 0), std=(0, 1, 1))
 
 
+def test_an_image_over_the_pixel_limit_is_refused_even_below_twice_it(tmp_path, monkeypatch):
+    """PIL itself refuses only images over twice its limit and warns below: the reader refuses
+    everything over it."""
+    from PIL import Image as PILImage
+    Image.new("RGB", (40, 40)).save(tmp_path / "big.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 1,600 pixels: 1.6 times the limit
+    with pytest.raises(CalibrationError, match="over the limit of 1000"):
+        load_image(tmp_path / "big.png", (16, 16))
+
+
 @pytest.mark.parametrize("size", [(1, 40000), (40000, 1), (3, 30000)])
 def test_extreme_image_shapes_decode_into_bounded_memory(tmp_path, size):
     Image.new("L", size, 128).save(tmp_path / "strip.png")
@@ -167,3 +180,107 @@ def test_one_calibration_size_of_a_dynamic_input_is_warned_about():
     assert f"warning: {report.warnings[0]}" in report.summary()
     _, static = quantize(model, feeds_for(model, 6, sizes=[10]), QuantConfig(wbits=8, input_shapes={"x": (1, 8, 10, 10)}))
     assert not static.warnings  # a fixed shape runs at no other
+
+
+# The resize modes against the real pipelines' own preprocessing: their code, verbatim below, running
+# on OpenCV as they do: PaddleOCR's text-line classifier and detector (as shipped in
+# rapidocr-onnxruntime 1.4.4) and YOLO's letterbox (ultralytics). Our resampling is PIL's bilinear,
+# theirs OpenCV's: the geometry and the padding must be the same, the pixels close.
+
+
+
+def paddle_cls_resize_norm_img(img, cls_image_shape=(3, 48, 192)):  # rapidocr ch_ppocr_cls/text_cls.py
+    img_c, img_h, img_w = cls_image_shape
+    h, w = img.shape[:2]
+    ratio = w / float(h)
+    if math.ceil(img_h * ratio) > img_w:
+        resized_w = img_w
+    else:
+        resized_w = int(math.ceil(img_h * ratio))
+    resized_image = cv2.resize(img, (resized_w, img_h))
+    resized_image = resized_image.astype("float32")
+    resized_image = resized_image.transpose((2, 0, 1)) / 255
+    resized_image -= 0.5
+    resized_image /= 0.5
+    padding_im = np.zeros((img_c, img_h, img_w), dtype=np.float32)
+    padding_im[:, :, :resized_w] = resized_image
+    return padding_im
+
+
+def paddle_det_resize(img, limit_side_len=736):  # rapidocr ch_ppocr_det/utils.py, limit_type "max"
+    h, w = img.shape[:2]
+    if max(h, w) > limit_side_len:
+        ratio = float(limit_side_len) / h if h > w else float(limit_side_len) / w
+    else:
+        ratio = 1.0
+    resize_h = int(h * ratio)
+    resize_w = int(w * ratio)
+    resize_h = int(round(resize_h / 32) * 32)
+    resize_w = int(round(resize_w / 32) * 32)
+    img = cv2.resize(img, (int(resize_w), int(resize_h)))
+    return ((img.astype("float32") / 255.0 - 0.5) / 0.5).transpose((2, 0, 1))
+
+
+def yolo_letterbox(img, new_shape=(640, 640), color=(114, 114, 114)):  # ultralytics LetterBox
+    shape = img.shape[:2]
+    r = min(new_shape[0] / shape[0], new_shape[1] / shape[1])
+    new_unpad = int(round(shape[1] * r)), int(round(shape[0] * r))
+    dw, dh = new_shape[1] - new_unpad[0], new_shape[0] - new_unpad[1]
+    dw /= 2
+    dh /= 2
+    if shape[::-1] != new_unpad:
+        img = cv2.resize(img, new_unpad, interpolation=cv2.INTER_LINEAR)
+    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
+    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
+    img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=color)
+    return img[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) / 255  # BGR -> RGB, CHW, 0..1
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """Smooth images (gradients and blobs, as photographs are at the scales compared) of several shapes."""
+    rng = np.random.default_rng(0)
+    for index, (height, width) in enumerate([(32, 200), (60, 90), (480, 640), (900, 500), (37, 1201)]):
+        y, x = np.mgrid[0:height, 0:width] / max(height, width)
+        channels = [np.sin(2 * np.pi * (f * x + g * y) + p) for f, g, p in rng.uniform(0.5, 3, (3, 3))]
+        image = (127.5 + 120 * np.stack(channels, -1)).astype(np.uint8)
+        cv2.imwrite(str(tmp_path / f"{index}.png"), image)
+    return tmp_path
+
+
+def ours(folder, size, **options):
+    return [feed["x"][0] for feed in ImageFolderReader(folder, "x", size, **options)]
+
+
+def assert_close(mine, theirs, tolerance):
+    assert mine.shape == theirs.shape
+    assert np.abs(mine - theirs).mean() < tolerance
+
+
+def test_pad_is_paddleocrs_text_line_preprocessing(photos):
+    mine = ours(photos, (48, 192), mean=127.5, std=127.5, bgr=True, resize="pad")
+    for path, image in zip(sorted(photos.glob("*.png")), mine):
+        theirs = paddle_cls_resize_norm_img(cv2.imread(str(path)))
+        padded = theirs.any(axis=(0, 1)) == 0
+        assert (image[:, :, padded] == 0).all()  # the same width, zeros to the right
+        assert_close(image, theirs, 0.01)  # in units of the normalised range [-1, 1]
+
+
+def test_letterbox_is_yolos(photos):
+    mine = ours(photos, (640, 640), preset="unit", resize="letterbox")
+    for path, image in zip(sorted(photos.glob("*.png")), mine):
+        theirs = yolo_letterbox(cv2.imread(str(path)))
+        gray = np.isclose(theirs, 114 / 255).all(axis=0)
+        assert np.isclose(image[:, gray], 114 / 255).all()  # the same border
+        assert_close(image, theirs, 0.003)
+
+
+def test_fit_is_paddleocrs_detector_sizing(photos):
+    big = [path for path in sorted(photos.glob("*.png")) if max(cv2.imread(str(path)).shape[:2]) > 736]
+    for path in big:
+        theirs = paddle_det_resize(cv2.imread(str(path)))
+        folder = path.parent / f"only_{path.stem}"
+        folder.mkdir()
+        (folder / path.name).write_bytes(path.read_bytes())
+        mine = ours(folder, (736, 736), mean=127.5, std=127.5, bgr=True, resize="fit")[0]
+        assert_close(mine, theirs, 0.03)

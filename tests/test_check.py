@@ -89,3 +89,21 @@ def test_check_json_of_non_finite_outputs_is_strict(folder, capsys):
         main(["check", str(folder / "model.onnx"), str(folder / "nan.onnx"), "--data", str(folder / "calib.npy"), "--json"])
     figures = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
     assert exit_info.value.code == 3 and figures["passed"] is False and figures["outputs"][0]["finite"] is False
+
+
+def test_the_table_escapes_cuts_and_counts_what_the_model_names():
+    """Names come from the model: control characters escaped, long ones cut with an ellipsis;
+    a provider's fallbacks listed up to ten, then how many more."""
+    from onnx_bitsplit.check import CheckReport, OutputComparison
+    from onnx_bitsplit.providers import Placement
+    fallbacks = [("Conv", f"conv{i}\x1b]0;title\x07", "not supported") for i in range(25)]
+    report = CheckReport(4, placement=Placement("qnn", whole=False, fallbacks=fallbacks), provider_agreement=1.0,
+                         outputs=[OutputComparison("y" * 40 + "\r\nFAILED: forged", 0.5, None, None, 0.9, 10.0, 1.0)])
+    table = report.table()
+    assert not any(c in table for c in "\x1b\x07\r") and "and 15 more" in table
+    assert table.count("conv") == 10 and "y" * 23 + "…" in table
+    failures = report.failures(min_agree=0.9)
+    assert failures[0] == "25 nodes did not run on qnn"
+    assert "\n" not in failures[1] and "\\r\\nFAILED" in failures[1]
+    openvino = Placement("openvino", whole=False, fallbacks=[("Convolution", "c", "runs in bf16")])
+    assert "ran on openvino in floating point" in openvino.shortfall()

@@ -1,6 +1,7 @@
 """The command line: routing (`quantize` implied, `check`), flags into a conversion, one line and a
 documented exit code for every failure, signals and interrupts, the fuzzer's rules."""
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from PIL import Image
 
 from graphs import conv_model, image_model
 from onnx_bitsplit.cli import check_command, main
-from tools.fuzz import run_fuzz
+from tools.fuzz import run_fuzz, wait_until_caught
 
 
 def test_help_lists_the_options(invoke):
@@ -95,6 +96,7 @@ def test_an_nhwc_model_is_calibrated_from_images(tmp_path, invoke):
     ("M O C --no-such-option", 2), ("M O C --wbits four", 2), ("M C", 2), ("M O --calib", 2), ("M O", 2),
     ("M O C --max-memory lots", 2), ("check M", 2),
     ("M O C --wbits 9", 2), ("M O C --calib-count 0", 2),  # range-checked by click: usage errors
+    ("M O C --input-shape 1x8x12", 2), ("M O C --input-shape y=1x8x12x12", 2),  # checked against the model's inputs
 ])
 def test_usage_errors_are_one_line(folder, args, code, run, snapshot, assert_refused):
     before = snapshot(folder)
@@ -135,25 +137,11 @@ def test_interrupt_leaves_nothing(folder, monkeypatch, invoke):
     assert sorted(p.name for p in folder.iterdir()) == ["calib.npy", "model.onnx"]
 
 
-def wait_until_caught(pid: int, signum: int, timeout: float = 30.0) -> None:
-    """Until the process has a handler for `signum` (Linux's /proc; elsewhere a fixed wait)."""
-    status, deadline = Path(f"/proc/{pid}/status"), time.monotonic() + timeout
-    if not status.exists():
-        time.sleep(0.3)
-        return
-    while time.monotonic() < deadline:
-        caught = next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("SigCgt:"))
-        if int(caught, 16) >> (signum - 1) & 1:
-            return
-        time.sleep(0.001)
-    raise AssertionError(f"process {pid} never installed a handler for signal {signum}")
-
-
 def test_sigterm_in_a_real_process_exits_143_and_leaves_nothing(folder, snapshot):
     before = snapshot(folder)
     process = subprocess.Popen([sys.executable, "-m", "onnx_bitsplit", str(folder / "model.onnx"), str(folder / "q.onnx"),
                                 "--calib", str(folder / "calib.npy")], stderr=subprocess.PIPE, text=True)
-    wait_until_caught(process.pid, signal.SIGTERM)  # then onnx and onnxruntime are still being imported
+    assert wait_until_caught(process.pid, signal.SIGTERM)  # then onnx and onnxruntime are still being imported
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143 and stderr.strip() == "Error: terminated by SIGTERM", stderr
@@ -161,11 +149,13 @@ def test_sigterm_in_a_real_process_exits_143_and_leaves_nothing(folder, snapshot
 
 
 def test_fuzzed_inputs_paths_and_signals():
-    """300 runs of tools/fuzz.py (damaged models and calibration data, aliased outputs, signals)."""
+    """300 runs of tools/fuzz.py (damaged models and calibration data, aliased outputs, signals,
+    option values)."""
     violations, outcomes = run_fuzz(300, seed=0)
     assert violations == []
-    for kind in ("model", "calibration", "signal"):  # both success and refusal occur, so both are checked
+    for kind in ("model", "calibration", "signal", "options"):  # both success and refusal occur: both are checked
         assert 0 in outcomes[kind] and len(outcomes[kind]) > 1, outcomes
+    assert 2 in outcomes["options"]
     assert set(outcomes["paths"]) == {1}  # every aliased or unwritable output is refused
 
 
@@ -198,3 +188,73 @@ def test_overlap_with_the_calibration_data_is_warned(models_and_data, capsys):
     captured = capsys.readouterr()
     assert "1 of the 1 --data files are calibration data" in captured.err
     assert "30 samples in batches of 7" in captured.out
+
+
+def test_a_failed_run_reporting_to_stdout_prints_a_json_error(folder):
+    """A pipeline parsing `--report -` gets a JSON object on every failure: a usage error (2), a
+    conversion error (1)."""
+    cases = [(["--wbits", "9"], 2, "--wbits"), (["--calib-count", "3"], 1, "")]
+    onnx.save(conv_model(), folder / "model.onnx")
+    for extra, code, text in cases:
+        result = subprocess.run([sys.executable, "-m", "onnx_bitsplit", folder / "model.onnx", folder / "q.onnx",
+                                 "--calib", folder / "missing.npy", "--report", "-", *extra],
+                                capture_output=True, text=True)
+        record = json.loads(result.stdout)
+        assert result.returncode == code and record["error"]["exit_code"] == code
+        assert text in record["error"]["message"] and record["tool"]["name"] == "onnx-bitsplit"
+        assert result.stderr.count("Error:") == 1 and not (folder / "q.onnx").exists()
+
+
+def test_the_report_records_what_a_build_needs(folder):
+    result = subprocess.run([sys.executable, "-m", "onnx_bitsplit", folder / "model.onnx", folder / "q.onnx",
+                             "--calib", folder / "calib.npy", "--report", "-", "-q"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["tool"]["versions"]) == {"onnx", "onnxruntime", "numpy"}
+    assert report["sha256"] == {str(path): hashlib.sha256(path.read_bytes()).hexdigest()
+                                for path in (folder / "model.onnx", folder / "q.onnx")}
+    assert report["calibration"] == {"reader": "arrays", "path": str(folder / "calib.npy"), "files": 1}
+    assert report["wall_seconds"] >= sum(report["phase_seconds"].values()) > 0
+    assert report["options"]["work_dir"] == str(folder.resolve())
+
+
+def test_the_report_records_how_images_were_made(tmp_path):
+    model, images = tmp_path / "model.onnx", tmp_path / "images"
+    onnx.save(image_model(), model)
+    images.mkdir()
+    for index in range(3):
+        Image.new("RGB", (40, 30), (index * 50, 90, 20)).save(images / f"{index}.png")
+    result = subprocess.run([sys.executable, "-m", "onnx_bitsplit", model, tmp_path / "q.onnx", "--calib", images,
+                             "--preset", "torch", "--bgr", "--resize", "letterbox", "--report", "-", "-q"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    calibration = json.loads(result.stdout)["calibration"]
+    assert calibration["reader"] == "images" and calibration["images"] == 3 and calibration["preset"] == "torch"
+    assert calibration["bgr"] and calibration["resize"] == "letterbox" and calibration["sizes"] == [[16, 16]]
+    assert calibration["mean"] == pytest.approx([123.675, 116.28, 103.53])
+
+
+@pytest.mark.parametrize("closed", ["stderr", "stdout"])
+def test_a_closed_stream_decides_by_what_it_carries(folder, closed):
+    """stderr carries progress and the summary: closed, the conversion still succeeds. stdout
+    carries the `--report -` record, part of the transaction: closed, nothing is written."""
+    command = [sys.executable, "-m", "onnx_bitsplit", folder / "model.onnx", folder / "q.onnx",
+               "--calib", folder / "calib.npy", *(["--report", "-"] if closed == "stdout" else [])]
+    result = subprocess.run(" ".join(map(str, command)) + (" 2>&-" if closed == "stderr" else " >&-"),
+                            shell=True, capture_output=closed == "stderr" and False)
+    if closed == "stderr":
+        assert result.returncode == 0 and (folder / "q.onnx").is_file()
+    else:
+        assert result.returncode == 1 and not (folder / "q.onnx").exists()
+
+
+def test_the_model_is_judged_before_its_calibration_data(folder, assert_refused, snapshot, run):
+    """An already-quantized model is refused as such, not for calibration data it cannot take."""
+    model = conv_model()
+    model.graph.node.append(onnx.helper.make_node("QuantizeLinear", ["y", "s"], ["y_q"]))
+    onnx.save(model, folder / "quantized.onnx")
+    (folder / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "images" / "a.png")  # not 3-channel data for this model
+    before = snapshot(folder)
+    result = run(folder / "quantized.onnx", folder / "q.onnx", "--calib", folder / "images")
+    assert_refused(result, "already quantized", folder, before)

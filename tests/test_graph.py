@@ -118,10 +118,35 @@ def test_a_constant_that_would_fold_into_gigabytes_is_refused(folder, run, snaps
     assert_refused(result, "over the memory limit", folder, before)
 
 
-@pytest.mark.parametrize("where", ["subgraph", "contrib"])
+@pytest.mark.parametrize("size", ["output", "sparse"])
+def test_a_tiny_model_asking_for_gigabytes_is_refused_before_allocating(folder, size, run, snapshot, assert_refused):
+    """A graph output of 400 MB from ConstantOfShape, or a sparse initializer whose dense form is 400 MB."""
+    model = conv_model()
+    if size == "output":
+        model.graph.node.append(helper.make_node("ConstantOfShape", ["big_shape"], ["big"], name="big"))
+        model.graph.initializer.append(numpy_helper.from_array(np.array([100_000_000], np.int64), "big_shape"))
+        model.graph.output.append(helper.make_tensor_value_info("big", TensorProto.FLOAT, None))
+    else:
+        values = numpy_helper.from_array(np.ones(1, np.float32), "sparse")
+        indices = numpy_helper.from_array(np.zeros(1, np.int64), "sparse_indices")
+        model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [100_000_000]))
+    onnx.save(model, folder / "big.onnx")
+    before = snapshot(folder)
+    result = run(folder / "big.onnx", folder / "q.onnx", "--calib", folder / "calib.npy", "--max-memory", "128M")
+    assert_refused(result, "over the memory limit", folder, before)
+
+
+@pytest.mark.parametrize("where", ["subgraph", "contrib", "function"])
 def test_quantized_operators_anywhere_are_refused(folder, where, run, snapshot, assert_refused):
     model = conv_model()
-    if where == "contrib":
+    if where == "function":  # a model-local function the graph calls
+        model.functions.append(helper.make_function(
+            "local", "requant", ["a", "s"], ["b"], [helper.make_node("QuantizeLinear", ["a", "s"], ["q"]),
+                                                    helper.make_node("DequantizeLinear", ["q", "s"], ["b"])],
+            [helper.make_opsetid("", 21)]))
+        model.opset_import.append(helper.make_opsetid("local", 1))
+        model.graph.node.append(helper.make_node("requant", ["y", "b1"], ["z"], domain="local"))
+    elif where == "contrib":
         model.graph.node.append(helper.make_node("MatMulNBits", ["y", "w1"], ["z"], domain="com.microsoft", K=8, N=8,
                                                  bits=4, block_size=16))
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -175,3 +200,37 @@ def test_constant_on_the_left_of_matmul():
     quantized, report = quantize(model, feeds_for(model, 16), QuantConfig(wbits=8))
     assert [(layer.name, layer.shape) for layer in report.layers] == [("left1", (24, 32, 1)), ("left2", (16, 24, 1))]
     assert model_sqnr_db(model, quantized, feeds_for(model, 6, seed=9)) > 25
+
+
+@pytest.mark.parametrize("where", ["used", "unused", "constant node"])
+def test_a_non_finite_constant_is_refused_by_name(folder, where, run, snapshot, assert_refused):
+    """A NaN or infinite constant is refused whether or not its layer would be quantized."""
+    model = conv_model()
+    if where == "used":
+        bias = next(t for t in model.graph.initializer if t.name == "b1")
+        bias.CopyFrom(numpy_helper.from_array(np.full(tuple(bias.dims), -np.inf, np.float32), "b1"))
+    elif where == "unused":
+        model.graph.initializer.append(numpy_helper.from_array(np.array([np.nan], np.float32), "spare"))
+    else:
+        model.graph.node.insert(0, helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(
+            np.array([1.0, np.nan], np.float32), "c_value")))
+    onnx.save(model, folder / "bad.onnx")
+    before = snapshot(folder)
+    name = {"used": "b1", "unused": "spare", "constant node": "c_value"}[where]
+    assert_refused(run(folder / "bad.onnx", folder / "q.onnx", "--calib", folder / "calib.npy"),
+                   f"constant '{name}' has NaN or infinite values", folder, before)
+
+
+def test_an_initializer_that_is_a_graph_input_stays_an_input():
+    """ONNX lets an initializer be an input too, a default the caller may override: the output
+    keeps the input, and a layer reading it stays in float, with its reason."""
+    model = gemm_model()
+    bias = next(t for t in model.graph.initializer if t.name == model.graph.node[-1].input[2])
+    model.graph.input.append(helper.make_tensor_value_info(bias.name, TensorProto.FLOAT, list(bias.dims)))
+    quantized, report = quantize(model, calibration_feeds(model, 8), QuantConfig(wbits=8))
+    assert bias.name in [i.name for i in quantized.graph.input]
+    assert (model.graph.node[-1].name, "bias is not a constant") in report.skipped
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = calibration_feeds(model, 1)[0]
+    shifted = session.run(None, {**feed, bias.name: numpy_helper.to_array(bias) + 1})[0]
+    assert np.allclose(shifted - session.run(None, feed)[0], 2, atol=1e-4)  # the override is used (beta 2)

@@ -82,3 +82,33 @@ def test_check_fails_when_the_provider_does_not_take_the_whole_graph(tmp_path):
     result = CliRunner().invoke(check_command, [str(tmp_path / "float.onnx"), str(tmp_path / "q.onnx"),
                                                 "--data", str(tmp_path / "data.npy"), "--provider", "qnn"])
     assert result.exit_code == 3 and "did not run on qnn" in result.output, result.output
+
+
+def test_an_openvino_error_gives_its_cause_not_where_it_was_thrown():
+    from onnx_bitsplit.providers import cause_line
+    error = RuntimeError("Exception from src/inference/src/cpp/core.cpp:84:\n"
+                         "Exception from src/core/src/pass/matmul.cpp:12:\n"
+                         "Check 'scale_dim.compatible(x_dim_at_axis)' failed at src/x.cpp:12\n")
+    assert cause_line(error) == "Check 'scale_dim.compatible(x_dim_at_axis)' failed at src/x.cpp:12"
+    assert cause_line(RuntimeError("plain")) == "plain"
+
+
+def test_native_output_during_runs_is_counted_not_passed_through(capfd):
+    """The QNN simulator can print a line per element without end: it is counted and sampled."""
+    import os
+    from onnx_bitsplit.providers import LOG_SAMPLE, Placement, _logged_runner
+
+    class Session:
+        def get_outputs(self):
+            return [type("Output", (), {"name": "y"})()]
+
+        def run(self, names, feed):
+            os.write(2, b"elementwise.h:12 dividing by 0\n" * 1000 + b"other line\n")
+            return [feed["x"]]
+
+    placement = Placement("qnn")
+    runner = _logged_runner(Session(), placement)
+    assert runner.run({"x": 1})[0] == 1 and runner.run({"x": 2})[0] == 2
+    assert capfd.readouterr().err == ""
+    assert placement.log_lines == 2002 and placement.log_sample == ["elementwise.h:12 dividing by 0", "other line"]
+    assert len(placement.log_sample) <= LOG_SAMPLE

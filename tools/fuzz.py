@@ -9,8 +9,12 @@ random and runs `onnx-bitsplit` on it:
   gigabytes), empty, truncated or degenerate images (1xN strips, huge declared sizes);
 - paths: the output, the report or the output's weights file aliasing an input (the same path,
   a `..` spelling, a symbolic or hard link, the calibration file) or each other, a folder, a FIFO;
-- signal: SIGINT, SIGTERM or SIGHUP sent to a real process at a random moment.
-Every run is checked: the exit code is one the README documents (0, 1, 2, 3, 129, 130, 143); a
+- signal: SIGINT, SIGTERM or SIGHUP sent to a real process at a random moment once it handles
+  them (a process killed before its entry point runs is no finding);
+- options: one to three options given values of the wrong type, out of range, NaN, infinite,
+  negative, huge or empty (each must be a usage error) or valid ones.
+Every run is checked: the exit code is one the README documents (0, 1, 2, 3, 129, 130, 143), and
+2 for an option value that is not valid; a process ended by a signal (a crash) is a violation; a
 failure prints exactly one `Error:` line and no traceback; every input file is unchanged (hash);
 nothing is left beside the inputs but the outputs of a successful run, and those load in
 onnxruntime; peak memory stays below the limit given with --max-memory (plus the interpreter's
@@ -41,7 +45,35 @@ from onnx_bitsplit.cli import main as run_command
 DOCUMENTED_EXITS = {0, 1, 2, 3, 129, 130, 143}
 MAX_MEMORY = "256M"
 RSS_ALLOWANCE = 1536 * 2**20  # the interpreter, numpy, onnx and onnxruntime themselves
-KINDS = ("model", "calibration", "paths", "signal")
+KINDS = ("model", "calibration", "paths", "signal", "options")
+WRONG = ["", "x", "nan", "inf", "-inf", "-1", "1e30", "3.5", "0x10", "1,2", "🙂"]  # values of no option here
+# option -> (values it must refuse, values it takes); every value of WRONG is refused too, except
+# where an option takes it (listed as valid)
+OPTIONS = {
+    "--wbits": (["0", "1", "9", "4.0"], ["2", "4", "8"]),
+    "--abits": (["4", "12", "32"], ["8", "16"]),
+    "--weight-storage": (["int2", "INT4 ", "float"], ["int4", "int8"]),
+    "--first-last-wbits": (["1", "9", "Same"], ["same", "8"]),
+    "--depthwise-wbits": (["12"], ["same", "4"]),
+    "--bits-per-layer": (["conv=99", "=4", "conv=", "conv=four"], ["conv=8", "op:Gemm=4"]),
+    "--size-budget": (["0", "1.5", "-0.2"], ["0.5", "1"]),
+    "--compensation-blend": (["2", "-0.1"], ["0", "0.5", "1"]),
+    "--damping": (["101", "-1"], ["0", "0.3"]),
+    "--iterations": (["-5"], ["0", "3"]),
+    "--sample-rows": (["-2"], ["0", "100"]),
+    "--seed": (["-3"], ["0", "7"]),
+    "--batch-size": (["0", "-1"], ["1", "3"]),
+    "--calib-count": (["0"], ["1", "4"]),
+    "--max-memory": (["1", "1K", "0G", "-4G", "lots"], ["64M", "1G"]),
+    "--input-size": (["axb", "0x8", "8", "1x2x3"], ["8x8"]),
+    "--input-shape": (["1x2x5", "y=1x2x5x5", "1x2x0x5", "2x2x5x5"], ["1x2x5x5", "x=1x2x5x5"]),
+    "--mean": (["1,2", "1,2,3,4"], ["0", "1,2,3"]),
+    "--std": (["0", "1,0,1"], ["1", "2,2,2"]),
+    "--crop-ratio": (["0", "1.5"], ["1", "0.5"]),
+    "--preset": (["imagenet"], ["torch", "raw"]),
+    "--layout": (["nhcw"], ["nchw"]),
+    "--resize": (["stretch"], ["crop", "letterbox", "pad", "fit"]),
+}
 
 
 def seed_model() -> bytes:
@@ -124,6 +156,21 @@ def _calibration_case(folder: Path, rng: np.random.Generator) -> list[str]:
     return [str(model), str(output), "--calib", str(images)]
 
 
+def _options_case(folder: Path, rng: np.random.Generator) -> tuple[list[str], bool]:
+    """The seed model and calibration with one to three options, each given a value it must
+    refuse (3 times in 10) or one it takes; whether one of them must be refused."""
+    args = [str(folder / "model.onnx"), str(folder / "out.onnx"), "--calib", str(folder / "calib.npy")]
+    refused = False
+    for option in rng.choice(sorted(OPTIONS), size=int(rng.integers(1, 4)), replace=False):
+        bad, good = OPTIONS[option]
+        invalid = bool(rng.random() < 0.3)
+        pool = bad + [w for w in WRONG if w not in good] if invalid else good
+        value = pool[rng.integers(len(pool))]
+        args += [str(option), value]
+        refused |= invalid
+    return args, refused
+
+
 def _paths_case(folder: Path, rng: np.random.Generator) -> list[str]:
     """Outputs that alias an input or each other in some spelling, or cannot be written."""
     model, calib = folder / "model.onnx", folder / "calib.npy"
@@ -163,8 +210,8 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 def _check(folder: Path, before: dict, args: list[str], code: int, output: str) -> str | None:
     """The rule a run broke, or None."""
-    if code < 0 and not output and _hashes(folder) == before:
-        return None  # a signal in Python's own start-up, before the entry point runs: nothing written
+    if code < 0:
+        return f"ended by signal {-code} (a crash): {output[-300:]!r}"
     if code not in DOCUMENTED_EXITS:
         return f"exit code {code}: {output[-300:]!r}"
     if "Traceback" in output:
@@ -205,19 +252,42 @@ def _in_process(args: list[str]) -> tuple[int, str]:
 
 
 def _with_signal(args: list[str], rng: np.random.Generator, timeout: int) -> tuple[int, str]:
-    """The command as a real process, sent a random signal after a random delay."""
+    """The command as a real process, sent a random signal at a random moment once its entry
+    point handles it (before, the signal's default action ends Python: no finding); the heavy
+    imports take about a second, and the conversion about as long again."""
     process = subprocess.Popen([sys.executable, "-m", "onnx_bitsplit", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-    # from 0.2 s: before Python runs the entry point (its own start-up) a signal takes its default
-    # action, which ends the process before anything is written; imports take about a second more
-    time.sleep(float(rng.uniform(0.2, 1.5)))
-    process.send_signal([signal.SIGINT, signal.SIGTERM, signal.SIGHUP][rng.integers(3)])
+    signum = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP][rng.integers(3)]
+    delay = float(rng.uniform(0.0, 2.0))
+    if not wait_until_caught(process.pid, signum, timeout):
+        process.kill()
+        return -1, "no handler installed"
+    time.sleep(delay)
+    process.send_signal(signum)
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         return -1, "hang"
     return process.returncode, output
+
+
+def wait_until_caught(pid: int, signum: int, timeout: float = 30.0) -> bool:
+    """Wait until the process has a handler for `signum` (Linux's /proc; elsewhere a fixed wait);
+    False if it never had one in `timeout` seconds or ended first."""
+    status, deadline = Path(f"/proc/{pid}/status"), time.monotonic() + timeout
+    if not Path("/proc/self/status").exists():
+        time.sleep(0.3)
+        return True
+    while time.monotonic() < deadline:
+        try:
+            caught = next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("SigCgt:"))
+        except (OSError, StopIteration):  # it has ended
+            return True
+        if int(caught, 16) >> (signum - 1) & 1:
+            return True
+        time.sleep(0.001)
+    return False
 
 
 def run_fuzz(runs: int, seed: int = 0, timeout: int = 60, kinds=KINDS) -> tuple[list[str], dict]:
@@ -233,8 +303,11 @@ def run_fuzz(runs: int, seed: int = 0, timeout: int = 60, kinds=KINDS) -> tuple[
             folder.mkdir()
             (folder / "model.onnx").write_bytes(mutate(original, rng) if kind == "model" else original)
             np.save(folder / "calib.npy", rng.normal(size=(4, 2, 5, 5)).astype(np.float32))
+            refused = False
             if kind == "calibration":
                 args = _calibration_case(folder, rng)
+            elif kind == "options":
+                args, refused = _options_case(folder, rng)
             elif kind == "paths":
                 args = _paths_case(folder, rng)
             else:
@@ -244,6 +317,8 @@ def run_fuzz(runs: int, seed: int = 0, timeout: int = 60, kinds=KINDS) -> tuple[
             before = _hashes(folder)
             code, output = _with_signal(args, rng, timeout) if kind == "signal" else _in_process(args)
             violation = _check(folder, before, args, code, output)
+            if violation is None and refused and code != 2:
+                violation = f"an invalid option value was not a usage error: exit {code}, {output[-300:]!r}"
             if violation:
                 violations.append(f"run {run} ({kind}): {violation}")
             outcomes.setdefault(kind, {}).setdefault(code, 0)

@@ -21,6 +21,7 @@ ARRAY_SUFFIXES = {".npy", ".npz"}
 CROP_FRACTION = 0.875  # resize the short side to size/0.875, then center-crop: ImageNet's eval recipe
 LAYOUTS = ("nchw", "nhwc")
 RESIZES = ("crop", "letterbox", "pad", "fit")  # how an image is brought to the input's size (load_image)
+DEFAULT_RESIZE, DEFAULT_PRESET = "crop", "tf"
 LETTERBOX_PIXEL = 114.0  # the gray YOLO's letterbox pads with
 FIT_MULTIPLE = 32  # the stride a detector's sides must be a multiple of
 # Samples per batch when the batch axis is dynamic and no batch size is given: about this much
@@ -86,8 +87,8 @@ class ImageFolderReader(_FileReader):
     """
 
     def __init__(self, folder: str | Path, input_name: str, size: tuple[int, int] | list[tuple[int, int]], *,
-                 preset: str = "tf", mean=None, std=None, count: int | None = None,
-                 layout: str = "nchw", bgr: bool = False, crop_ratio: float = CROP_FRACTION, resize: str = "crop"):
+                 preset: str = DEFAULT_PRESET, mean=None, std=None, count: int | None = None, layout: str = "nchw",
+                 bgr: bool = False, crop_ratio: float = CROP_FRACTION, resize: str = DEFAULT_RESIZE):
         if resize not in RESIZES:
             raise CalibrationError(f"resize must be one of {', '.join(RESIZES)}, got '{resize}'")
         if preset not in PRESETS:
@@ -207,7 +208,7 @@ def _listdir(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_file()]
 
 
-def load_image(path: Path, size: tuple[int, int], crop_ratio: float = CROP_FRACTION, *, resize: str = "crop",
+def load_image(path: Path, size: tuple[int, int], crop_ratio: float = CROP_FRACTION, *, resize: str = DEFAULT_RESIZE,
                fill=LETTERBOX_PIXEL) -> np.ndarray:
     """An image as (3, height, width) float32 RGB pixels in [0, 255], resized to `size` by one of
     RESIZES:

@@ -25,7 +25,8 @@ import onnx
 
 from . import __version__
 from .api import quantize_file
-from .calibration import ARRAY_SUFFIXES, CROP_FRACTION, LAYOUTS, PRESETS, RESIZES, ImageFolderReader, NpyReader
+from .calibration import (ARRAY_SUFFIXES, CROP_FRACTION, DEFAULT_PRESET, DEFAULT_RESIZE, LAYOUTS, PRESETS, RESIZES,
+                          ImageFolderReader, NpyReader)
 from .check import compare
 from .config import QuantConfig, memory_limit
 from .qdq_format import ACTIVATION_BITS, WEIGHT_STORAGE
@@ -78,7 +79,7 @@ def _one_line_errors(verbose: bool = False):
 def image_options(command):
     """How images become input tensors: shared by both commands (ImageOptions)."""
     options = [
-        click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tf", show_default=True,
+        click.option("--preset", type=click.Choice(sorted(PRESETS)), default=DEFAULT_PRESET, show_default=True,
                      help="Image normalisation: tf (x-127)/128, torch ImageNet mean/std, unit x/255, raw x."),
         click.option("--mean", type=ChannelValues(),
                      help="Per-channel mean in pixel units (overrides --preset), e.g. 123.7,116.3,103.5."),
@@ -90,7 +91,7 @@ def image_options(command):
         click.option("--layout", type=click.Choice(LAYOUTS),
                      help="Image tensor layout.  [default: from the model's input, channels of 3]"),
         click.option("--bgr", is_flag=True, help="Feed channels in BGR order (--mean/--std in that order too)."),
-        click.option("--resize", type=click.Choice(RESIZES), default="crop", show_default=True,
+        click.option("--resize", type=click.Choice(RESIZES), default=DEFAULT_RESIZE, show_default=True,
                      help="How images are brought to the input's size: crop (resize the short side, center-crop), "
                           "letterbox (fit, pad with gray 114: YOLO), pad (to the height, pad the width with zeros "
                           "after normalisation: OCR text lines), fit (fit, sides multiples of 32, no padding: "

@@ -9,6 +9,7 @@ import numpy as np
 
 from .errors import ModelError
 from .graph import LayerSpec
+from .qdq_format import quantize_linear
 from .solver import LayerSolution
 
 INT32_BIAS_LIMIT = 2**31 - 2**10  # largest |bias| in units of its grid, with room for float32 rounding
@@ -56,7 +57,7 @@ def weight_quant(layer: LayerSpec, solution: LayerSolution, bits: int, *, float_
             raise ModelError(f"layer '{layer.name}': its corrected bias is not finite")
         q, alpha = fit_int32_bias(q, alpha, float_bias, input_scale)
         bias_scale = (np.float32(input_scale) * alpha).astype(np.float32)
-        bias = np.rint(float_bias / bias_scale).astype(np.int32)
+        bias = quantize_linear(float_bias, bias_scale, 0, np.int32)
     return WeightQuant(layer, bits, layer.stored_weight(q.reshape(solution.q.shape)), alpha, bias, bias_scale)
 
 

@@ -6,8 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import onnx

@@ -42,7 +42,7 @@ from onnx_bitsplit import ImageFolderReader, QuantConfig, quantize
 from onnx_bitsplit.calibration import PRESETS, labels_from_names
 from onnx_bitsplit.errors import BitsplitError
 from onnx_bitsplit.graph import find_layers, prepare
-from onnx_bitsplit.shapes import set_input_shapes
+from onnx_bitsplit.shapes import input_shapes, set_input_shapes
 from onnx_bitsplit.providers import open_runner
 from onnx_bitsplit.memory import keep_freed_blocks
 
@@ -123,8 +123,7 @@ def main(argv=None) -> int:
         args.calib_count = min(256, len(ImageFolderReader(args.images, "", (1, 1)).paths) // 2)
 
     model = onnx.load(args.model)
-    input_name = model.graph.input[0].name
-    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    (input_name, dims), = input_shapes(model).items()
     shape = (1, *dims[1:])
     mean, std = PRESETS[args.preset]
 

@@ -246,7 +246,11 @@ def _stamp(model: onnx.ModelProto, quantized: onnx.ModelProto, config: QuantConf
 
 
 def _check_loads(quantized: onnx.ModelProto) -> None:
-    """The promise is a model onnxruntime runs: keep it even for odd inputs."""
+    """The promise is a model onnxruntime runs and every float constant of it finite: keep it
+    even for odd inputs."""
+    for tensor in quantized.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT and not np.isfinite(onnx.numpy_helper.to_array(tensor)).all():
+            raise ModelError(f"the quantized model's constant '{tensor.name}' is not finite")
     try:
         make_session(quantized)
     except Exception as exc:

@@ -31,7 +31,8 @@ from .check import compare
 from .config import QuantConfig, memory_limit
 from .qdq_format import ACTIVATION_BITS, WEIGHT_STORAGE
 from .options import IMAGE_SIZE, INPUT_SHAPE, Bits, ByteSize, ChannelValues, FiniteFloat, Fraction, LayerBits
-from .shapes import input_shapes, misfit, named_shapes
+from .graph import check_tensor_sizes
+from .shapes import input_shapes, misfit, named_shapes, set_input_shapes
 from .errors import BitsplitError, CalibrationError, Terminated, first_line
 from .modelio import file_sha256, load_model, model_files
 from .providers import PROVIDERS
@@ -44,6 +45,7 @@ EXIT_USAGE = 2
 EXIT_GATE = 3  # check: the quantized model is below a --min-* gate
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULTS = QuantConfig()
+LABEL_BYTES = 40  # a label in a list: a Python int and its pointer
 
 
 class CommandError(click.ClickException):
@@ -244,7 +246,7 @@ def check_command(float_path: Path, quant_path: Path, data: Path, count: int | N
         reader = _reader(quant_model, data, count, images, max_memory)
         if calib is not None:
             _warn_overlap(data, calib, count)
-        labels = _labels(labels_path)
+        labels = _labels(labels_path, limit)
         report = compare(float_model, quant_model, reader, labels=labels, count=count, provider=provider,
                          batch_size=batch_size)
         report.files = {"float": str(float_path), "quantized": str(quant_path), "data": str(data)}
@@ -293,12 +295,16 @@ def _emit(text: str) -> None:
         raise BitsplitError(f"cannot write to standard output: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def _labels(labels_path: Path | None) -> list[int] | None:
-    """The labels file's classes, one integer a line; None without one (the reader's own then)."""
+def _labels(labels_path: Path | None, max_bytes: int) -> list[int] | None:
+    """The labels file's classes, one integer a line; None without one (the reader's own then).
+    A label takes up to LABEL_BYTES in memory: a file whose labels would not fit `max_bytes` is
+    refused before it is read."""
     if labels_path is None:
         return None
     if not labels_path.is_file():
         raise CalibrationError(f"labels file '{labels_path}' does not exist")
+    if labels_path.stat().st_size // 2 * LABEL_BYTES > max_bytes:  # two bytes at least a label: a digit, a line end
+        raise CalibrationError(f"labels file '{labels_path}' is too large for the memory limit (--max-memory)")
     try:
         return [int(line) for line in labels_path.read_text().split()]
     except (UnicodeDecodeError, ValueError):
@@ -366,6 +372,13 @@ def _reader(model: onnx.ModelProto, path: Path, count: int | None, images: Image
     sizes = list(images.sizes) or [(height, width)]
     if not all(sizes[0]):
         raise CalibrationError(f"input '{name}' has a dynamic size; give one with --input-size HxW")
+    for size in images.sizes:  # the tensors the model computes at that size must fit the budget too
+        shape = (dims[0] or 1, 3, *size) if layout == "nchw" else (dims[0] or 1, *size, 3)
+        if misfit({name: shape}, shapes) is None:
+            at_size = onnx.ModelProto()
+            at_size.CopyFrom(model)
+            set_input_shapes(at_size, {name: shape})
+            check_tensor_sizes(at_size, memory_limit(max_memory))
     return ImageFolderReader(path, name, sizes, preset=images.preset, mean=images.mean, std=images.std,
                              count=count, layout=layout, bgr=images.bgr, crop_ratio=images.crop_ratio,
                              resize=images.resize)

@@ -45,6 +45,7 @@ SIGN_PRESERVING_OPS = {
 }
 FLOAT_LAYER_OPS = {"ConvTranspose", "LSTM", "GRU", "RNN", "Einsum"}  # weighted, reported as kept in float
 LAYER_OPS = {"Conv", "Gemm", "MatMul"}
+TENSOR_SHARE = 4  # a computed tensor may take this share of the memory budget: a segment's run holds several
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 NON_NEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp", "Softplus"}
 
@@ -217,14 +218,16 @@ def _op_types(model: onnx.ModelProto):
 
 
 def check_tensor_sizes(model: onnx.ModelProto, max_bytes: int) -> None:
-    """Refuse a model with a tensor whose inferred static size exceeds max_bytes: constant folding
-    would build it (a 1 KB ConstantOfShape can ask for gigabytes).
+    """Refuse a model that would allocate too much, before it does: a sparse initializer whose
+    dense form exceeds max_bytes, or a tensor of known static size (an activation at the input
+    size, a constant to fold: a 1 KB ConstantOfShape can ask for gigabytes) that exceeds
+    max_bytes / TENSOR_SHARE, since a step holds several such tensors at once.
 
     Raises:
         ModelError: naming the tensor and its size.
     """
     for sparse in model.graph.sparse_initializer:  # made dense when the model loads
-        _check_size(sparse.values.name, list(sparse.dims), sparse.values.data_type, max_bytes)
+        _check_size(sparse.values.name, list(sparse.dims), sparse.values.data_type, max_bytes, "the memory limit")
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # inference fails on odd models; onnxruntime then judges them
@@ -233,18 +236,19 @@ def check_tensor_sizes(model: onnx.ModelProto, max_bytes: int) -> None:
         tensor = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
         if tensor.HasField("shape") and None not in dims and tensor.elem_type:
-            _check_size(value.name, dims, tensor.elem_type, max_bytes)
+            _check_size(value.name, dims, tensor.elem_type, max_bytes // TENSOR_SHARE,
+                        f"the memory limit for one computed tensor (1/{TENSOR_SHARE} of the budget)")
 
 
-def _check_size(name: str, dims: list[int], elem_type: int, max_bytes: int) -> None:
+def _check_size(name: str, dims: list[int], elem_type: int, max_bytes: int, limit: str) -> None:
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
     except (KeyError, ValueError, TypeError):  # a type numpy has no name for (strings): one byte a value at least
         itemsize = 1
     size = float(np.prod(dims, dtype=np.float64)) * itemsize
     if size > max_bytes:
-        raise ModelError(f"tensor '{name}' would need {size / 2**30:.1f} GiB, over the memory limit of "
-                         f"{max_bytes / 2**30:.1f} GiB (--max-memory)")
+        raise ModelError(f"tensor '{name}' would need {size / 2**30:.2f} GiB, over {limit} of "
+                         f"{max_bytes / 2**30:.2f} GiB (--max-memory)")
 
 
 def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:

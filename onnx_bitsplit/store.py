@@ -129,6 +129,7 @@ class BatchStore:
     def close(self) -> None:
         """Delete the work folder and everything in it."""
         if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            with signals_held():  # a second signal must not cut the clean-up short
+                shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
 

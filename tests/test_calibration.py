@@ -284,3 +284,19 @@ def test_fit_is_paddleocrs_detector_sizing(photos):
         (folder / path.name).write_bytes(path.read_bytes())
         mine = ours(folder, (736, 736), mean=127.5, std=127.5, bgr=True, resize="fit")[0]
         assert_close(mine, theirs, 0.03)
+
+
+def test_an_image_size_is_checked_against_the_memory_budget_like_a_static_shape(tmp_path, run):
+    """--input-size on a model of dynamic size is refused at once when the tensors it makes the
+    model compute would not fit, as the same shape given by --input-shape is."""
+    model = image_model()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        for dim in value.type.tensor_type.shape.dim[2:]:
+            dim.dim_param = "size"
+    onnx.save(model, tmp_path / "model.onnx")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "images" / "a.png")
+    for option in (["--input-size", "4000x4000"], ["--input-shape", "1x3x4000x4000"]):
+        result = run(tmp_path / "model.onnx", tmp_path / "q.onnx", "--calib", tmp_path / "images",
+                     "--max-memory", "256M", *option)
+        assert result.exit_code == 1 and "over the memory limit for one computed tensor" in result.output

@@ -46,9 +46,9 @@ DOCUMENTED_EXITS = {0, 1, 2, 3, 129, 130, 143}
 MAX_MEMORY = "256M"
 RSS_ALLOWANCE = 1536 * 2**20  # the interpreter, numpy, onnx and onnxruntime themselves
 KINDS = ("model", "calibration", "paths", "signal", "options")
-WRONG = ["", "x", "nan", "inf", "-inf", "-1", "1e30", "3.5", "0x10", "1,2", "🙂"]  # values of no option here
+WRONG = ["", "x", "nan", "inf", "-inf", "-1", "1e30", "3.5", "0x10", "1,2", "🙂"]
 # option -> (values it must refuse, values it takes); every value of WRONG is refused too, except
-# where an option takes it (listed as valid)
+# those an option takes (listed among them)
 OPTIONS = {
     "--wbits": (["0", "1", "9", "4.0"], ["2", "4", "8"]),
     "--abits": (["4", "12", "32"], ["8", "16"]),
@@ -58,17 +58,17 @@ OPTIONS = {
     "--bits-per-layer": (["conv=99", "=4", "conv=", "conv=four"], ["conv=8", "op:Gemm=4"]),
     "--size-budget": (["0", "1.5", "-0.2"], ["0.5", "1"]),
     "--compensation-blend": (["2", "-0.1"], ["0", "0.5", "1"]),
-    "--damping": (["101", "-1"], ["0", "0.3"]),
+    "--damping": (["101", "-1"], ["0", "0.3", "3.5"]),
     "--iterations": (["-5"], ["0", "3"]),
     "--sample-rows": (["-2"], ["0", "100"]),
     "--seed": (["-3"], ["0", "7"]),
     "--batch-size": (["0", "-1"], ["1", "3"]),
     "--calib-count": (["0"], ["1", "4"]),
-    "--max-memory": (["1", "1K", "0G", "-4G", "lots"], ["64M", "1G"]),
+    "--max-memory": (["1", "1K", "0G", "-4G", "lots"], ["64M", "1G", "1e30"]),
     "--input-size": (["axb", "0x8", "8", "1x2x3"], ["8x8"]),
     "--input-shape": (["1x2x5", "y=1x2x5x5", "1x2x0x5", "2x2x5x5"], ["1x2x5x5", "x=1x2x5x5"]),
-    "--mean": (["1,2", "1,2,3,4"], ["0", "1,2,3"]),
-    "--std": (["0", "1,0,1"], ["1", "2,2,2"]),
+    "--mean": (["1,2", "1,2,3,4"], ["0", "1,2,3", "-1", "1e30", "3.5"]),
+    "--std": (["0", "1,0,1"], ["1", "2,2,2", "-1", "1e30", "3.5"]),
     "--crop-ratio": (["0", "1.5"], ["1", "0.5"]),
     "--preset": (["imagenet"], ["torch", "raw"]),
     "--layout": (["nhcw"], ["nchw"]),
@@ -312,15 +312,15 @@ def run_fuzz(runs: int, seed: int = 0, timeout: int = 60, kinds=KINDS) -> tuple[
                 args = _paths_case(folder, rng)
             else:
                 args = [str(folder / "model.onnx"), str(folder / "out.onnx"), "--calib", str(folder / "calib.npy")]
-            args += ["--quiet", "--max-memory", MAX_MEMORY] + (["--report", str(folder / "report.json")]
-                                                              if "--report" not in args else [])
+            args += ["--quiet"] + (["--max-memory", MAX_MEMORY] if "--max-memory" not in args else []) + (
+                ["--report", str(folder / "report.json")] if "--report" not in args else [])
             before = _hashes(folder)
             code, output = _with_signal(args, rng, timeout) if kind == "signal" else _in_process(args)
             violation = _check(folder, before, args, code, output)
             if violation is None and refused and code != 2:
                 violation = f"an invalid option value was not a usage error: exit {code}, {output[-300:]!r}"
             if violation:
-                violations.append(f"run {run} ({kind}): {violation}")
+                violations.append(f"run {run} ({kind}): {violation}; arguments {args[4:]}")
             outcomes.setdefault(kind, {}).setdefault(code, 0)
             outcomes[kind][code] += 1
     peak = _peak_rss()

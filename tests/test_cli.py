@@ -146,6 +146,7 @@ def test_sigterm_in_a_real_process_exits_143_and_leaves_nothing(folder, snapshot
     assert snapshot(folder) == before
 
 
+@pytest.mark.slow
 def test_fuzzed_inputs_paths_and_signals():
     """300 runs of tools/fuzz.py (damaged models and calibration data, aliased outputs, signals,
     option values)."""

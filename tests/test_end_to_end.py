@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 from onnx_bitsplit import ImageFolderReader, QuantConfig, quantize
 
@@ -16,6 +17,7 @@ def logits(model, x):
     return session.run(None, {"input": x})[0]
 
 
+@pytest.mark.slow
 def test_default_model_w4a8_stays_close_to_float():
     model = onnx.load(MODELS / "efficientnet-lite0.onnx")
     calibration = ImageFolderReader(MODELS / "calibration", "input", (224, 224), count=8)

@@ -221,6 +221,7 @@ def test_external_data_round_trip(folder, invoke):
     assert session.run(None, calibration_feeds(model, 1)[0])[0].shape == (1, 8, 6, 6)
 
 
+@pytest.mark.slow
 def test_external_data_without_a_length_is_measured_before_reading(folder, run, snapshot, assert_refused):
     onnx.save(conv_model(), folder / "ext.onnx", save_as_external_data=True, location="ext.bin", size_threshold=0)
     model = onnx.load(folder / "ext.onnx", load_external_data=False)

@@ -82,6 +82,7 @@ def test_bars_on_a_terminal_only():
     bars.close()
 
 
+@pytest.mark.slow
 def test_a_conversion_in_a_log_prints_progress_within_30_seconds(tmp_path):
     """The command with stderr a pipe, as in a CI job: its first progress line comes within 30 s
     (every row sampled and more iterations make the embedded model's conversion last far

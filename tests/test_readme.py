@@ -152,6 +152,7 @@ def test_readme_has_examples():
     assert commands[0][:2] == ["onnx-bitsplit", "models/efficientnet-lite0.onnx"], "the quick start comes first"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("example", README_EXAMPLES, ids=[example.id for example in README_EXAMPLES])
 def test_readme_example(example: Example, workdir: Path):
     """Each example in document order, in the same folder: later ones use what earlier ones wrote

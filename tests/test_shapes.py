@@ -69,7 +69,7 @@ def test_set_input_shapes_fixes_the_named_inputs_and_forgets_stale_output_shapes
 @pytest.mark.parametrize("shape,message", [
     ({"y": (1, 8, 12, 12)}, "no input 'y' (inputs: x)"),
     ({"x": (1, 8, 12)}, "does not fit input 'x' of shape ?x8x12x12"),
-    ({"x": (1, 9, 12, 12)}, "--input-shape 1x9x12x12 does not fit"),
+    ({"x": (1, 9, 12, 12)}, "--input-shape: 1x9x12x12 does not fit"),
 ])
 def test_set_input_shapes_refuses_what_does_not_fit(shape, message):
     with pytest.raises(ModelError, match=message.replace("?", r"\?").replace("(", r"\(").replace(")", r"\)")):

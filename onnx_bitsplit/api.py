@@ -77,11 +77,8 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
         sensitivity = reasons = None
         if config.size_budget is not None:
             with clock("sensitivity"):
-                sensitivity = measure_sensitivities(prepared, layers, batches, store, weights, config,
-                                                    _reporter(progress, "sensitivity", prepared, layers))
-                weight_budget = int(config.size_budget * model.ByteSize()) - bytes_besides_weights(
-                    prepared, layout, layers, weight_storage=config.weight_storage)
-                bits, reasons = budget_bits(layers, sensitivity, config, weight_budget)
+                bits, sensitivity, reasons = _budget_bits(model, prepared, layout, layers, batches, store, weights,
+                                                          config, progress)
         activations: dict[str, float] = {}
         with clock("capture"):
             streams = NetworkStreams(prepared, layers, batches, store, layout=layout, seed=config.seed,
@@ -197,6 +194,18 @@ def _equalize(model: onnx.ModelProto, layers: list[LayerSpec], batches, store: B
     equalized, pairs = equalize(model, names, [{name: store.get(item) for name, item in batch.items()}
                                                for batch in batches])
     return equalized, [layer for layer in find_layers(equalized)[0] if layer.name in names], pairs
+
+
+def _budget_bits(model: onnx.ModelProto, prepared: onnx.ModelProto, layout, layers: list[LayerSpec], batches,
+                 store: BatchStore, weights: dict, config: QuantConfig, progress: Progress | None):
+    """(bits per layer within config.size_budget of the float model's size, each layer's measured
+    errors by bits, the reason for each choice)."""
+    sensitivity = measure_sensitivities(prepared, layers, batches, store, weights, config,
+                                        _reporter(progress, "sensitivity", prepared, layers))
+    weight_budget = int(config.size_budget * model.ByteSize()) - bytes_besides_weights(
+        prepared, layout, layers, weight_storage=config.weight_storage)
+    bits, reasons = budget_bits(layers, sensitivity, config, weight_budget)
+    return bits, sensitivity, reasons
 
 
 def _chooser(bits: int, clock: PhaseClock, errors: dict[str, float]) -> Chooser:

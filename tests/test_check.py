@@ -1,6 +1,7 @@
 """The runtime accuracy check: identical models agree, a damaged one is caught, outputs that are
 not finite fail whatever the thresholds, and its JSON is versioned and strict."""
 
+import hashlib
 import json
 import math
 
@@ -61,6 +62,10 @@ def test_json_is_versioned_strict_and_says_whether_it_passed(models_and_data, ca
     assert figures["schema"] == 1 and figures["tool"]["name"] == "onnx-bitsplit"
     assert figures["thresholds"] == {"min_agree": 0.9, "min_sqnr": 20.0}
     assert figures["passed"] is True and figures["failures"] == [] and figures["outputs"][0]["sqnr_db"] is None
+    assert figures["files"] == {"float": str(d / "float.onnx"), "quantized": str(d / "float.onnx"),
+                                "data": str(d / "data.npy")}
+    assert figures["sha256"] == {str(d / "float.onnx"): hashlib.sha256((d / "float.onnx").read_bytes()).hexdigest()}
+    assert set(figures["tool"]["versions"]) == {"onnx", "onnxruntime", "numpy"}
     with pytest.raises(SystemExit) as exit_info:
         main(["check", str(d / "float.onnx"), str(d / "damaged.onnx"), "--data", str(d / "data.npy"), "--json",
               "--min-agree", "0.99"])
@@ -107,3 +112,24 @@ def test_the_table_escapes_cuts_and_counts_what_the_model_names():
     assert "\n" not in failures[1] and "\\r\\nFAILED" in failures[1]
     openvino = Placement("openvino", whole=False, fallbacks=[("Convolution", "c", "runs in bf16")])
     assert "ran on openvino in floating point" in openvino.shortfall()
+
+
+def test_compare_takes_the_labels_of_an_image_reader(tmp_path):
+    """From the Python API as from the command: images named CCC_name.jpg give top-1."""
+    from PIL import Image
+    from graphs import image_model
+    from onnx_bitsplit.calibration import ImageFolderReader
+    model = image_model()
+    for index in range(4):
+        Image.new("RGB", (16, 16), (60 * index, 30, 90)).save(tmp_path / f"{index:03d}_class.png")
+    reader = ImageFolderReader(tmp_path, "x", (16, 16), preset="unit")
+    assert reader.labels() == [0, 1, 2, 3] and float(reader.std.ravel()[0]) == 255.0
+    report = compare(model, model, reader)
+    assert report.outputs[0].top1_float is None  # a (N, 4, 16, 16) map has no class per sample
+    flat = onnx.helper.make_model(onnx.helper.make_graph(
+        [*model.graph.node, onnx.helper.make_node("ReduceMean", ["y"], ["scores"], axes=[2, 3], keepdims=0)],
+        "classifier", list(model.graph.input),
+        [onnx.helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, ["N", 4])], list(model.graph.initializer)),
+        opset_imports=model.opset_import)
+    report = compare(flat, flat, reader)
+    assert report.outputs[0].top1_float is not None and report.outputs[0].top1_float == report.outputs[0].top1_quant

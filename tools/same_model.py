@@ -1,7 +1,9 @@
 """Compare two ONNX files: are they the same bytes, or the same model up to tensor and node names
-and metadata (the same nodes in the same order, the same initializers bit for bit)?
+(the same nodes in the same order, the same initializers bit for bit, the same metadata)?
 
     python tools/same_model.py A.onnx B.onnx
+
+A refactoring that renames generated tensors must still give the same model: the second answer.
 """
 
 import hashlib
@@ -9,27 +11,42 @@ import sys
 
 import onnx
 
-def canon(path):
-    m = onnx.load(path)
-    names = {}
-    def c(n):
-        if n == "": return ""
-        if n not in names: names[n] = f"t{len(names)}"
-        return names[n]
-    for i in m.graph.input: c(i.name)
-    for n in m.graph.node:
-        for x in n.input: c(x)
-        for x in n.output: c(x)
-    for n in m.graph.node:
-        n.name = ""
-        n.input[:] = [c(x) for x in n.input]; n.output[:] = [c(x) for x in n.output]
-    for t in m.graph.initializer: t.name = c(t.name)
-    for v in [*m.graph.input, *m.graph.output, *m.graph.value_info]: v.name = c(v.name)
-    inits = sorted(m.graph.initializer, key=lambda t: t.name)
-    del m.graph.initializer[:]; m.graph.initializer.extend(inits)
-    del m.metadata_props[:]
-    return m.SerializeToString()
-a, b = sys.argv[1:3]
-ha, hb = (hashlib.sha256(open(p,'rb').read()).hexdigest() for p in (a, b))
-print("bytes identical" if ha == hb else "bytes differ", end="; ")
-print("same up to names/metadata" if canon(a) == canon(b) else "MODEL DIFFERS")
+
+def canonical(path: str) -> bytes:
+    """The model serialized with every name replaced by its order of first appearance (graph
+    inputs, then node inputs and outputs), node names cleared, initializers sorted."""
+    model = onnx.load(path)
+    graph = model.graph
+    names: dict[str, str] = {}
+
+    def rename(name: str) -> str:
+        if name and name not in names:
+            names[name] = f"t{len(names)}"
+        return names.get(name, "")
+
+    for value in graph.input:
+        rename(value.name)
+    for node in graph.node:
+        node.name = ""
+        node.input[:] = [rename(name) for name in node.input]
+        node.output[:] = [rename(name) for name in node.output]
+    for tensor in graph.initializer:
+        tensor.name = rename(tensor.name)
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        value.name = rename(value.name)
+    initializers = sorted(graph.initializer, key=lambda tensor: tensor.name)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return model.SerializeToString()
+
+
+def main(first: str, second: str) -> int:
+    same_bytes = hashlib.sha256(open(first, "rb").read()).digest() == hashlib.sha256(open(second, "rb").read()).digest()
+    same_model = canonical(first) == canonical(second)
+    print("the same bytes" if same_bytes else "different bytes", end="; ")
+    print("the same model up to names" if same_model else "different models")
+    return 0 if same_model else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:3]))

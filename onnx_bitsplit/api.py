@@ -16,7 +16,7 @@ import onnx
 from .act_scale import choose_quantizer
 from .calibration import as_feeds, batch_feeds, describe, sample_count, single_shape_inputs
 from .capture import Chooser, NetworkStreams
-from .config import QuantConfig, memory_limit
+from .config import QuantConfig, memory_limit, tensor_limit
 from .equalize import equalize
 from .errors import BitsplitError, ModelError
 from .graph import LayerSpec, find_layers, layer_work, prepare, refuse_unconvertible
@@ -60,10 +60,10 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
     config = config or QuantConfig()
     memory = memory_limit(config.max_memory)
     if not isinstance(model, onnx.ModelProto):
-        model = load_model(model, max_bytes=memory)
+        model = load_model(model, max_bytes=tensor_limit(config.max_memory))
     clock = PhaseClock(started=None if progress is None else lambda phase: progress(phase, 0, 0, ""))
     with clock("prepare"):
-        prepared, layers, skipped = _prepare(model, config, memory)
+        prepared, layers, skipped = _prepare(model, config)
     with closing(BatchStore.within(memory, config.work_dir)) as store:
         with clock("calibration"):
             batches, warnings = _calibration_batches(calibration, prepared, store, config)
@@ -135,7 +135,7 @@ def quantize_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
     check_output_paths({"output": output_path, "weights file": weights_path(output_path), "report": report_path},
                        inputs + list(calibration_files))
     float_bytes = sum(path.stat().st_size for path in inputs)
-    model = load_model(input_path, max_bytes=memory_limit(config.max_memory))
+    model = load_model(input_path, max_bytes=tensor_limit(config.max_memory))
     refuse_unconvertible(model)  # before the calibration data is read: it may not fit a model that cannot be converted
     if callable(calibration) and not hasattr(calibration, "get_next"):
         calibration = calibration(model)
@@ -158,9 +158,9 @@ def quantize_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
     return report
 
 
-def _prepare(model: onnx.ModelProto, config: QuantConfig, memory: int):
+def _prepare(model: onnx.ModelProto, config: QuantConfig):
     """(the prepared model, its layers to quantize, (name, reason) of the layers kept in float)."""
-    prepared = prepare(model, config.input_shapes, max_bytes=memory)
+    prepared = prepare(model, config.input_shapes, max_bytes=tensor_limit(config.max_memory))
     layers, skipped = find_layers(prepared)
     if not layers:
         raise ModelError("the model has no Conv, Gemm or MatMul with a constant weight to quantize")

@@ -183,8 +183,8 @@ class NpyReader(_FileReader):
                            else np.lib.format.read_array_header_2_0)(file)
         size = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
         if size > self.max_bytes:
-            raise CalibrationError(f"'{what}' holds an array of {size / 2**30:.1f} GiB, over the memory limit of "
-                                   f"{self.max_bytes / 2**30:.1f} GiB (--max-memory)")
+            raise CalibrationError(f"'{what}' holds an array of {size / 2**30:.2f} GiB, over the memory limit for "
+                                   f"one tensor, {self.max_bytes / 2**30:.2f} GiB (a quarter of --max-memory)")
 
 
 def _per_channel(what: str, values) -> np.ndarray:

@@ -28,7 +28,7 @@ from .api import quantize_file
 from .calibration import (ARRAY_SUFFIXES, CROP_FRACTION, DEFAULT_PRESET, DEFAULT_RESIZE, LAYOUTS, PRESETS, RESIZES,
                           ImageFolderReader, NpyReader)
 from .check import compare
-from .config import QuantConfig, memory_limit
+from .config import QuantConfig, tensor_limit
 from .qdq_format import ACTIVATION_BITS, WEIGHT_STORAGE
 from .options import IMAGE_SIZE, INPUT_SHAPE, Bits, ByteSize, ChannelValues, FiniteFloat, Fraction, LayerBits
 from .graph import check_tensor_sizes
@@ -117,9 +117,9 @@ def image_options(command):
 @image_options
 @click.option("--max-memory", type=ByteSize(),
               help="Memory budget, e.g. 4G: a conversion keeps the tensors it caches within a quarter of "
-                   "it (the rest goes to --work-dir), and any single input (a model's weights, a calibration "
-                   "array, a constant it folds) larger than it is refused before it is allocated.  "
-                   "[default: 4G, or half the machine's memory if less]")
+                   "it (the rest goes to --work-dir), and a model whose weights or any one tensor (a "
+                   "calibration array, an activation, a constant it folds) would take more than a quarter "
+                   "of it is refused before it is allocated.  [default: 4G, or half the machine's memory if less]")
 @click.option("--input-shape", "input_shapes", multiple=True, type=INPUT_SHAPE,
               help="Static input shape, e.g. 1x3x224x224 (NAME=DIMS for one of several inputs; "
                    "repeatable): the output has it and calibration runs at it. NPUs need static shapes.")
@@ -218,8 +218,9 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
                    "samples are among them (agreement on calibration samples is inflated).")
 @image_options
 @click.option("--max-memory", type=ByteSize(),
-              help="Memory limit, e.g. 4G: a model's external data or a calibration array larger than it "
-                   "is refused before it is read.  [default: 4G, or half the machine's memory if less]")
+              help="Memory limit, e.g. 4G: a model's weights, a calibration array or a labels file that would "
+                   "take more than a quarter of it is refused before it is read.  "
+                   "[default: 4G, or half the machine's memory if less]")
 @click.option("--labels", "labels_path", type=click.Path(path_type=Path),
               help="Class of each sample, one integer a line in sample order. Without it, image names "
                    "that start with a class number (CCC_name.jpg) give the labels.")
@@ -241,7 +242,7 @@ def check_command(float_path: Path, quant_path: Path, data: Path, count: int | N
     agreement, top-1 where labels are known, cosine similarity, SQNR, max error, latency."""
     images = ImageOptions(preset, mean, std, input_size, layout, bgr, crop_ratio, resize)
     with _one_line_errors(verbose):
-        limit = memory_limit(max_memory)
+        limit = tensor_limit(max_memory)
         float_model, quant_model = load_model(float_path, max_bytes=limit), load_model(quant_path, max_bytes=limit)
         reader = _reader(quant_model, data, count, images, max_memory)
         if calib is not None:
@@ -358,7 +359,7 @@ def _reader(model: onnx.ModelProto, path: Path, count: int | None, images: Image
     shapes = input_shapes(model)
     if path.is_file() and path.suffix.lower() in ARRAY_SUFFIXES or path.is_dir() and any(
             p.suffix.lower() in ARRAY_SUFFIXES for p in path.iterdir()):
-        return NpyReader(path, list(shapes), max_bytes=memory_limit(max_memory))
+        return NpyReader(path, list(shapes), max_bytes=tensor_limit(max_memory))
     if len(shapes) != 1:
         raise CalibrationError(f"the model has {len(shapes)} inputs; calibrate it with .npz files keyed by input name")
     name, dims = next(iter(shapes.items()))
@@ -378,7 +379,7 @@ def _reader(model: onnx.ModelProto, path: Path, count: int | None, images: Image
             at_size = onnx.ModelProto()
             at_size.CopyFrom(model)
             set_input_shapes(at_size, {name: shape})
-            check_tensor_sizes(at_size, memory_limit(max_memory))
+            check_tensor_sizes(at_size, tensor_limit(max_memory))
     return ImageFolderReader(path, name, sizes, preset=images.preset, mean=images.mean, std=images.std,
                              count=count, layout=layout, bgr=images.bgr, crop_ratio=images.crop_ratio,
                              resize=images.resize)

@@ -10,6 +10,7 @@ from .qdq_format import ACTIVATION_BITS, WEIGHT_STORAGE
 
 MIN_BITS = 2
 MAX_BITS = 8
+TENSOR_SHARE = 4  # the share of the memory budget one tensor may take (tensor_limit)
 DEFAULT_MEMORY = 4 << 30  # the default budget: peak memory stays near it on a laptop or a CI runner
 
 
@@ -136,6 +137,12 @@ class QuantConfig:
             raise BitsplitError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.calib_count < 1:
             raise BitsplitError(f"calib_count must be at least 1, got {self.calib_count}")
+
+
+def tensor_limit(max_memory: int | None) -> int:
+    """The most one tensor may take, read (a calibration array, the model's weights) or computed
+    (an activation, a constant to fold): a quarter of the budget, since a step holds several."""
+    return memory_limit(max_memory) // TENSOR_SHARE
 
 
 def memory_limit(max_memory: int | None) -> int:

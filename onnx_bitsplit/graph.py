@@ -45,7 +45,7 @@ SIGN_PRESERVING_OPS = {
 }
 FLOAT_LAYER_OPS = {"ConvTranspose", "LSTM", "GRU", "RNN", "Einsum"}  # weighted, reported as kept in float
 LAYER_OPS = {"Conv", "Gemm", "MatMul"}
-TENSOR_SHARE = 4  # a computed tensor may take this share of the memory budget: a segment's run holds several
+MAX_LOOP_ITERATIONS = 1 << 20  # a Loop's constant trip count above this would run a calibration for ever
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 NON_NEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp", "Softplus"}
 
@@ -187,14 +187,22 @@ def refuse_unconvertible(model: onnx.ModelProto) -> None:
         raise ModelError(f"the model is already quantized (it has {', '.join(quantized)} nodes)")
     if not ops & LAYER_OPS:
         raise ModelError("the model has no Conv, Gemm or MatMul to quantize")
+    values = {}
     for tensor in _constants(model):
         if tensor.data_type in FLOAT_TYPES and not np.isfinite(onnx.numpy_helper.to_array(tensor)).all():
             raise ModelError(f"constant '{tensor.name}' has NaN or infinite values: the model's constants must be finite")
+        if tensor.data_type == onnx.TensorProto.INT64 and not tensor.dims:
+            values[tensor.name] = int(onnx.numpy_helper.to_array(tensor))
+    for node in _nodes(model):
+        trips = values.get(node.input[0]) if node.op_type == "Loop" and node.input else None
+        if trips is not None and trips > MAX_LOOP_ITERATIONS:
+            raise ModelError(f"Loop '{node.name or node.output[0]}' runs {trips} iterations, over the "
+                             f"{MAX_LOOP_ITERATIONS} a calibration run can afford")
 
 
 def _constants(model: onnx.ModelProto):
-    """Every constant tensor of the model: initializers and Constant nodes' values, subgraphs and
-    model-local functions included."""
+    """Every constant tensor of the model: initializers and Constant nodes' values (named after
+    the node's output), subgraphs and model-local functions included."""
     bodies = [model.graph, *model.functions]
     while bodies:
         body = bodies.pop()
@@ -202,32 +210,45 @@ def _constants(model: onnx.ModelProto):
         for node in body.node:
             for attribute in node.attribute:
                 if attribute.HasField("t"):
-                    yield attribute.t
+                    yield _named(attribute.t, node.output[0] if node.op_type == "Constant" and node.output else "")
                 bodies += [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
 
 
+def _named(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    """The tensor under `name` where it has none of its own (a Constant node's value is its output)."""
+    if tensor.name or not name:
+        return tensor
+    named = onnx.TensorProto()
+    named.CopyFrom(tensor)
+    named.name = name
+    return named
+
+
 def _op_types(model: onnx.ModelProto):
-    """The op type of every node: the graph's, its subgraphs' (If, Loop, Scan bodies) and its
-    model-local functions'."""
+    """The op type of every node (_nodes())."""
+    return (node.op_type for node in _nodes(model))
+
+
+def _nodes(model: onnx.ModelProto):
+    """Every node: the graph's, its subgraphs' (If, Loop, Scan bodies) and its model-local functions'."""
     bodies = [model.graph, *model.functions]
     while bodies:
         for node in bodies.pop().node:
-            yield node.op_type
+            yield node
             for attribute in node.attribute:
                 bodies += [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
 
 
 def check_tensor_sizes(model: onnx.ModelProto, max_bytes: int) -> None:
-    """Refuse a model that would allocate too much, before it does: a sparse initializer whose
-    dense form exceeds max_bytes, or a tensor of known static size (an activation at the input
-    size, a constant to fold: a 1 KB ConstantOfShape can ask for gigabytes) that exceeds
-    max_bytes / TENSOR_SHARE, since a step holds several such tensors at once.
+    """Refuse a model that would allocate a tensor larger than max_bytes, before it does: a sparse
+    initializer (made dense as the model loads), or a tensor of known static size (an activation
+    at the input's size, a constant to fold: a 1 KB ConstantOfShape can ask for gigabytes).
 
     Raises:
         ModelError: naming the tensor and its size.
     """
-    for sparse in model.graph.sparse_initializer:  # made dense when the model loads
-        _check_size(sparse.values.name, list(sparse.dims), sparse.values.data_type, max_bytes, "the memory limit")
+    for sparse in model.graph.sparse_initializer:
+        _check_size(sparse.values.name, list(sparse.dims), sparse.values.data_type, max_bytes)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # inference fails on odd models; onnxruntime then judges them
@@ -236,19 +257,18 @@ def check_tensor_sizes(model: onnx.ModelProto, max_bytes: int) -> None:
         tensor = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
         if tensor.HasField("shape") and None not in dims and tensor.elem_type:
-            _check_size(value.name, dims, tensor.elem_type, max_bytes // TENSOR_SHARE,
-                        f"the memory limit for one computed tensor (1/{TENSOR_SHARE} of the budget)")
+            _check_size(value.name, dims, tensor.elem_type, max_bytes)
 
 
-def _check_size(name: str, dims: list[int], elem_type: int, max_bytes: int, limit: str) -> None:
+def _check_size(name: str, dims: list[int], elem_type: int, max_bytes: int) -> None:
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
     except (KeyError, ValueError, TypeError):  # a type numpy has no name for (strings): one byte a value at least
         itemsize = 1
     size = float(np.prod(dims, dtype=np.float64)) * itemsize
     if size > max_bytes:
-        raise ModelError(f"tensor '{name}' would need {size / 2**30:.2f} GiB, over {limit} of "
-                         f"{max_bytes / 2**30:.2f} GiB (--max-memory)")
+        raise ModelError(f"tensor '{name}' would need {size / 2**30:.2f} GiB, over the memory limit for one "
+                         f"tensor, {max_bytes / 2**30:.2f} GiB (a quarter of --max-memory)")
 
 
 def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:

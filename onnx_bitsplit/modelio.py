@@ -40,8 +40,8 @@ def load_model(path: str | Path, *, max_bytes: int | None = None) -> onnx.ModelP
     if max_bytes is not None:
         size = sum(_external_size(tensor, folder) for tensor in external)
         if size > max_bytes:
-            raise ModelError(f"the external data of '{path}' is {size / 2**30:.1f} GiB, over the memory limit of "
-                             f"{max_bytes / 2**30:.1f} GiB (--max-memory)")
+            raise ModelError(f"the external data of '{path}' is {size / 2**30:.2f} GiB, over the memory limit for "
+                             f"the model's weights, {max_bytes / 2**30:.2f} GiB (a quarter of --max-memory)")
     if external:
         try:
             load_external_data_for_model(model, str(folder))

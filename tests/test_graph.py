@@ -234,3 +234,23 @@ def test_an_initializer_that_is_a_graph_input_stays_an_input():
     feed = calibration_feeds(model, 1)[0]
     shifted = session.run(None, {**feed, bias.name: numpy_helper.to_array(bias) + 1})[0]
     assert np.allclose(shifted - session.run(None, feed)[0], 2, atol=1e-4)  # the override is used (beta 2)
+
+
+def test_a_loop_with_an_endless_constant_trip_count_is_refused(folder, run, snapshot, assert_refused):
+    """A 1 KB model whose Loop runs 10^12 times would calibrate for ever: refused at once."""
+    model = conv_model()
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["v_in"], ["v_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)])
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["trips"], value=numpy_helper.from_array(
+        np.array(10**12, np.int64))))
+    model.graph.node.append(helper.make_node("Loop", ["trips", "", "y"], ["looped"], name="forever", body=body))
+    model.graph.output.append(helper.make_tensor_value_info("looped", TensorProto.FLOAT, None))
+    onnx.save(model, folder / "loop.onnx")
+    before = snapshot(folder)
+    assert_refused(run(folder / "loop.onnx", folder / "q.onnx", "--calib", folder / "calib.npy"),
+                   "Loop 'forever' runs 1000000000000 iterations", folder, before)

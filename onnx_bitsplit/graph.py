@@ -11,6 +11,7 @@ for each Conv, Gemm and MatMul whose weight is a constant.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,9 @@ SIGN_PRESERVING_OPS = {
 }
 FLOAT_LAYER_OPS = {"ConvTranspose", "LSTM", "GRU", "RNN", "Einsum"}  # weighted, reported as kept in float
 LAYER_OPS = {"Conv", "Gemm", "MatMul"}
+# operators whose output size is set by inputs (at these positions) that are often computed from constants
+SIZE_PARAMETERS = {"Range": (0, 1, 2), "ConstantOfShape": (0,), "Expand": (1,), "Tile": (1,)}
+MAX_EVALUATED_NODES = 256  # the most nodes computed to learn a size: shape arithmetic is short
 MAX_LOOP_ITERATIONS = 1 << 20  # a Loop's constant trip count above this would run a calibration for ever
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 NON_NEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp", "Softplus"}
@@ -258,6 +262,67 @@ def check_tensor_sizes(model: onnx.ModelProto, max_bytes: int) -> None:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
         if tensor.HasField("shape") and None not in dims and tensor.elem_type:
             _check_size(value.name, dims, tensor.elem_type, max_bytes)
+    _check_folded_sizes(model, max_bytes)
+
+
+def _check_folded_sizes(model: onnx.ModelProto, max_bytes: int) -> None:
+    """The tensors constant folding would build whose size onnx's inference cannot tell (a Range
+    whose limit comes through a Cast): their size parameters, scalars and short shapes computed
+    from constants, are computed (onnx's reference evaluator) and the size checked."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    computable: dict[str, bool] = {name: True for name in constant_initializers(model)}
+
+    def evaluable(name: str) -> bool:  # computed from constants alone, by no node that could be large itself
+        if not name or name in computable:
+            return not name or computable[name]
+        node = producers.get(name)
+        computable[name] = False  # a cycle or a graph input: not evaluable
+        computable[name] = node is not None and node.op_type not in SIZE_PARAMETERS and not any(
+            a.HasField("g") or a.graphs for a in node.attribute) and all(evaluable(i) for i in node.input)
+        return computable[name]
+
+    for node in model.graph.node:
+        positions = SIZE_PARAMETERS.get(node.op_type, ())
+        names = [node.input[p] for p in positions if p < len(node.input) and node.input[p]]
+        if names and all(evaluable(name) for name in names):
+            values = _evaluate(model, names, producers)
+            if values is not None:
+                size = _folded_size(node.op_type, values)
+                if size > max_bytes:
+                    raise ModelError(f"tensor '{node.output[0]}' would need {size / 2**30:.2f} GiB, over the memory "
+                                     f"limit for one tensor, {max_bytes / 2**30:.2f} GiB (a quarter of --max-memory)")
+
+
+def _evaluate(model: onnx.ModelProto, names: list[str], producers: dict) -> list[np.ndarray] | None:
+    """The values of tensors computed from constants alone, or None if onnx's reference evaluator
+    cannot compute them (onnxruntime judges the model then)."""
+    from onnx.reference import ReferenceEvaluator
+
+    needed, stack = {}, list(names)
+    while stack and len(needed) <= MAX_EVALUATED_NODES:
+        node = producers.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed[id(node)] = node
+            stack += [name for name in node.input if name]
+    if len(needed) > MAX_EVALUATED_NODES:
+        return None
+    nodes = [node for node in model.graph.node if id(node) in needed]
+    read = {name for node in nodes for name in node.input} | set(names)
+    graph = onnx.helper.make_graph(nodes, "sizes", [], [onnx.helper.make_empty_tensor_value_info(n) for n in names],
+                                   [t for t in model.graph.initializer if t.name in read])
+    try:
+        return ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=model.opset_import)).run(None, {})
+    except Exception:  # an operator the reference evaluator lacks, or a model onnxruntime will refuse
+        return None
+
+
+def _folded_size(op: str, values: list[np.ndarray]) -> float:
+    """Bytes of the output of `op` (SIZE_PARAMETERS) given its size parameters."""
+    if op == "Range":
+        start, limit, delta = (np.asarray(v).item() for v in values)
+        count = max(math.ceil((limit - start) / delta), 0) if delta else 0
+        return float(count) * np.asarray(values[0]).itemsize
+    return float(np.prod(np.asarray(values[0], np.float64))) * 4  # at least 4 bytes a value of a float tensor
 
 
 def _check_size(name: str, dims: list[int], elem_type: int, max_bytes: int) -> None:

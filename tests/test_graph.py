@@ -118,11 +118,19 @@ def test_a_constant_that_would_fold_into_gigabytes_is_refused(folder, run, snaps
     assert_refused(result, "over the memory limit", folder, before)
 
 
-@pytest.mark.parametrize("size", ["output", "sparse"])
+@pytest.mark.parametrize("size", ["output", "sparse", "range through a cast"])
 def test_a_tiny_model_asking_for_gigabytes_is_refused_before_allocating(folder, size, run, snapshot, assert_refused):
-    """A graph output of 400 MB from ConstantOfShape, or a sparse initializer whose dense form is 400 MB."""
+    """A graph output of 400 MB from ConstantOfShape, a sparse initializer whose dense form is
+    400 MB, a Range of 800 MB whose limit comes through a Cast (onnx's inference cannot tell its size)."""
     model = conv_model()
-    if size == "output":
+    if size == "range through a cast":
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(1e8, np.float32), "limit_float"),
+                                        numpy_helper.from_array(np.array(0, np.int64), "start"),
+                                        numpy_helper.from_array(np.array(1, np.int64), "delta")])
+        model.graph.node.extend([helper.make_node("Cast", ["limit_float"], ["limit"], to=TensorProto.INT64),
+                                 helper.make_node("Range", ["start", "limit", "delta"], ["big"], name="range")])
+        model.graph.output.append(helper.make_tensor_value_info("big", TensorProto.INT64, None))
+    elif size == "output":
         model.graph.node.append(helper.make_node("ConstantOfShape", ["big_shape"], ["big"], name="big"))
         model.graph.initializer.append(numpy_helper.from_array(np.array([100_000_000], np.int64), "big_shape"))
         model.graph.output.append(helper.make_tensor_value_info("big", TensorProto.FLOAT, None))

@@ -35,6 +35,18 @@ def test_a_tiny_npz_declaring_a_huge_array_is_refused(folder, run, snapshot, ass
     assert_refused(result, "over the memory limit", folder, before)
 
 
+def test_an_array_declaring_more_than_the_default_budget_allows_is_refused(folder, run, snapshot, assert_refused):
+    """The default budget (4 GiB, or half the machine's memory) is enforced as an explicit one: a
+    .npy whose header alone declares 2 GiB, half the default budget, is refused before anything
+    is read (one tensor may take a quarter)."""
+    with open(folder / "bomb.npy", "wb") as file:
+        np.lib.format.write_array_header_1_0(file, {"descr": "<f4", "fortran_order": False,
+                                                    "shape": (2**27, 8, 1, 1)})
+    before = snapshot(folder)
+    assert_refused(run(folder / "model.onnx", folder / "q.onnx", "--calib", folder / "bomb.npy"),
+                   "over the memory limit for one tensor", folder, before)
+
+
 def test_npz_without_the_input_name(folder, invoke, snapshot, assert_refused):
     np.savez(folder / "calib.npz", image=np.zeros((2, 8, 12, 12), np.float32))
     before = snapshot(folder)

@@ -170,6 +170,16 @@ def test_cli_gates_on_agreement(models_and_data, gate, exit_code):
     assert "agree" in result.output
 
 
+def test_a_labels_file_too_large_for_the_budget_is_refused_unread(models_and_data):
+    d = models_and_data
+    with open(d / "labels.txt", "wb") as file:  # sparse: 512 MiB that take no disk
+        file.truncate(512 * 2**20)
+    result = CliRunner().invoke(check_command, [str(d / "float.onnx"), str(d / "float.onnx"), "--data",
+                                                str(d / "data.npy"), "--labels", str(d / "labels.txt"),
+                                                "--max-memory", "1G"])
+    assert result.exit_code == 1 and "too large for the memory limit" in result.output
+
+
 def test_cli_json_and_routing(models_and_data, capsys):
     d = models_and_data
     with pytest.raises(SystemExit) as exit_info:

@@ -270,27 +270,21 @@ def _check_folded_sizes(model: onnx.ModelProto, max_bytes: int) -> None:
     whose limit comes through a Cast): their size parameters, scalars and short shapes computed
     from constants, are computed (onnx's reference evaluator) and the size checked."""
     producers = {output: node for node in model.graph.node for output in node.output}
-    computable: dict[str, bool] = {name: True for name in constant_initializers(model)}
-
-    def evaluable(name: str) -> bool:  # computed from constants alone, by no node that could be large itself
-        if not name or name in computable:
-            return not name or computable[name]
-        node = producers.get(name)
-        computable[name] = False  # a cycle or a graph input: not evaluable
-        computable[name] = node is not None and node.op_type not in SIZE_PARAMETERS and not any(
-            a.HasField("g") or a.graphs for a in node.attribute) and all(evaluable(i) for i in node.input)
-        return computable[name]
-
+    evaluable = set(constant_initializers(model))  # computed from constants alone, by nodes that cannot be large
+    for node in model.graph.node:  # in the topological order ONNX requires
+        if (node.op_type not in SIZE_PARAMETERS and not any(a.HasField("g") or a.graphs for a in node.attribute)
+                and all(not name or name in evaluable for name in node.input)):
+            evaluable.update(node.output)
     for node in model.graph.node:
         positions = SIZE_PARAMETERS.get(node.op_type, ())
         names = [node.input[p] for p in positions if p < len(node.input) and node.input[p]]
-        if names and all(evaluable(name) for name in names):
+        if names and all(name in evaluable for name in names):
             values = _evaluate(model, names, producers)
-            if values is not None:
-                size = _folded_size(node.op_type, values)
-                if size > max_bytes:
-                    raise ModelError(f"tensor '{node.output[0]}' would need {size / 2**30:.2f} GiB, over the memory "
-                                     f"limit for one tensor, {max_bytes / 2**30:.2f} GiB (a quarter of --max-memory)")
+            try:
+                size = 0.0 if values is None else _folded_size(node.op_type, values)
+            except (ValueError, TypeError, OverflowError):  # not scalars, not finite: onnxruntime refuses the model
+                size = 0.0
+            _refuse_over(node.output[0], size, max_bytes)
 
 
 def _evaluate(model: onnx.ModelProto, names: list[str], producers: dict) -> list[np.ndarray] | None:
@@ -330,7 +324,10 @@ def _check_size(name: str, dims: list[int], elem_type: int, max_bytes: int) -> N
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
     except (KeyError, ValueError, TypeError):  # a type numpy has no name for (strings): one byte a value at least
         itemsize = 1
-    size = float(np.prod(dims, dtype=np.float64)) * itemsize
+    _refuse_over(name, float(np.prod(dims, dtype=np.float64)) * itemsize, max_bytes)
+
+
+def _refuse_over(name: str, size: float, max_bytes: int) -> None:
     if size > max_bytes:
         raise ModelError(f"tensor '{name}' would need {size / 2**30:.2f} GiB, over the memory limit for one "
                          f"tensor, {max_bytes / 2**30:.2f} GiB (a quarter of --max-memory)")

@@ -25,6 +25,9 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
 
+    def _describe_range(self) -> str:
+        return "finite" if self.min is None and self.max is None else super()._describe_range()
+
 
 class Bits(click.IntRange):
     """Weight bits, MIN_BITS to MAX_BITS; with `same`, also the word 'same' (None: take --wbits)."""

@@ -188,7 +188,8 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
         with _one_line_errors(verbose):
             config = QuantConfig(
                 layer_wbits=dict(layer_bits), exclude=exclude, sample_rows=sample_rows or None,
-                calib_count=calib_count, max_memory=max_memory, work_dir=None if work_dir is None else str(work_dir.resolve()),
+                calib_count=calib_count, max_memory=max_memory,
+                work_dir=None if work_dir is None else str(work_dir.resolve()),
                 input_shapes=_input_shapes(input_path, input_shapes), **options)
             keep_freed_blocks()
             report = quantize_file(

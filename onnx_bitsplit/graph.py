@@ -194,7 +194,8 @@ def refuse_unconvertible(model: onnx.ModelProto) -> None:
     values = {}
     for tensor in _constants(model):
         if tensor.data_type in FLOAT_TYPES and not np.isfinite(onnx.numpy_helper.to_array(tensor)).all():
-            raise ModelError(f"constant '{tensor.name}' has NaN or infinite values: the model's constants must be finite")
+            raise ModelError(f"constant '{tensor.name}' has NaN or infinite values: "
+                             "the model's constants must be finite")
         if tensor.data_type == onnx.TensorProto.INT64 and not tensor.dims:
             values[tensor.name] = int(onnx.numpy_helper.to_array(tensor))
     for node in _nodes(model):

@@ -1,4 +1,4 @@
-"""A signal sent in a window where the product holds signals back (test_guarantees, test_scaling)."""
+"""A signal sent in a window where the product holds signals back (tests of modelio and store)."""
 
 import os
 import signal

@@ -1,4 +1,4 @@
-"""A signal sent in a window where the product holds signals back (tests of modelio and store)."""
+"""A signal sent in a window where the product holds signals back (tests of errors, modelio and store)."""
 
 import os
 import signal

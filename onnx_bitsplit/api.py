@@ -19,7 +19,7 @@ from .capture import Chooser, NetworkStreams
 from .config import QuantConfig, memory_limit, tensor_limit
 from .equalize import equalize
 from .errors import BitsplitError, ModelError
-from .graph import LayerSpec, find_layers, layer_work, prepare, refuse_unconvertible
+from .graph import LayerSpec, find_layers, layer_work, non_finite_constant, prepare, refuse_unconvertible
 from .layout import plan_layout
 from .memory import peak_rss
 from .mixed import budget_bits, measure_sensitivities
@@ -257,9 +257,9 @@ def _stamp(model: onnx.ModelProto, quantized: onnx.ModelProto, config: QuantConf
 def _check_loads(quantized: onnx.ModelProto) -> None:
     """The promise is a model onnxruntime runs and every float constant of it finite: keep it
     even for odd inputs."""
-    for tensor in quantized.graph.initializer:
-        if tensor.data_type == onnx.TensorProto.FLOAT and not np.isfinite(onnx.numpy_helper.to_array(tensor)).all():
-            raise ModelError(f"the quantized model's constant '{tensor.name}' is not finite")
+    name = non_finite_constant(quantized)
+    if name is not None:
+        raise ModelError(f"the quantized model's constant '{name}' is not finite")
     try:
         make_session(quantized)
     except Exception as exc:

@@ -23,9 +23,9 @@ import onnxruntime as ort
 from onnx import version_converter
 
 from .errors import ModelError, first_line
-from .modelio import PROTOBUF_LIMIT
+from .modelio import PROTOBUF_LIMIT, bodies, model_tensors
 from .patches import ConvGeometry, conv_patches, conv_positions, dense_patches
-from .qdq_format import IR_VERSION, OPSET, Names
+from .qdq_format import IR_VERSION, OPSET, Names, weight_bytes
 from .shapes import set_input_shapes
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,15 @@ class LayerSpec:
     @property
     def groups(self) -> int:
         return self.geometry.groups if self.geometry else 1
+
+    @property
+    def rows(self) -> int:
+        """Output channels: the stored weight's size along `axis`, one scale each."""
+        return self.weight_shape[self.axis]
+
+    def stored_bytes(self, bits: int, storage: str) -> int:
+        """Bytes of the weight as the writer stores it at `bits` (qdq_format.weight_bytes)."""
+        return weight_bytes(int(np.prod(self.weight_shape)), self.rows, bits, storage)
 
     @property
     def is_depthwise(self) -> bool:
@@ -160,12 +169,12 @@ def split_defaults(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.T
     """(a copy of the model without its overridable defaults, those defaults): graphsurgeon
     takes an initializer for a constant and drops it from the inputs, so an edit through it
     sets them aside and merge_defaults() puts them back."""
-    inputs = {i.name for i in model.graph.input}
-    defaults = [t for t in model.graph.initializer if t.name in inputs]
+    constants = constant_initializers(model)
+    defaults = [t for t in model.graph.initializer if t.name not in constants]
     if not defaults:
         return model, []
     copy = _copy(model)
-    kept = [t for t in copy.graph.initializer if t.name not in inputs]
+    kept = [t for t in copy.graph.initializer if t.name in constants]
     del copy.graph.initializer[:]
     copy.graph.initializer.extend(kept)
     return copy, defaults
@@ -191,42 +200,23 @@ def refuse_unconvertible(model: onnx.ModelProto) -> None:
         raise ModelError(f"the model is already quantized (it has {', '.join(quantized)} nodes)")
     if not ops & LAYER_OPS:
         raise ModelError("the model has no Conv, Gemm or MatMul to quantize")
-    values = {}
-    for tensor in _constants(model):
-        if tensor.data_type in FLOAT_TYPES and not np.isfinite(onnx.numpy_helper.to_array(tensor)).all():
-            raise ModelError(f"constant '{tensor.name}' has NaN or infinite values: "
-                             "the model's constants must be finite")
-        if tensor.data_type == onnx.TensorProto.INT64 and not tensor.dims:
-            values[tensor.name] = int(onnx.numpy_helper.to_array(tensor))
+    name = non_finite_constant(model)
+    if name is not None:
+        raise ModelError(f"constant '{name}' has NaN or infinite values: the model's constants must be finite")
+    trip_counts = {name: int(onnx.numpy_helper.to_array(tensor)) for tensor, name in model_tensors(model)
+                   if tensor.data_type == onnx.TensorProto.INT64 and not tensor.dims}
     for node in _nodes(model):
-        trips = values.get(node.input[0]) if node.op_type == "Loop" and node.input else None
+        trips = trip_counts.get(node.input[0]) if node.op_type == "Loop" and node.input else None
         if trips is not None and trips > MAX_LOOP_ITERATIONS:
             raise ModelError(f"Loop '{node.name or node.output[0]}' runs {trips} iterations, over the "
                              f"{MAX_LOOP_ITERATIONS} a calibration run can afford")
 
 
-def _constants(model: onnx.ModelProto):
-    """Every constant tensor of the model: initializers and Constant nodes' values (named after
-    the node's output), subgraphs and model-local functions included."""
-    bodies = [model.graph, *model.functions]
-    while bodies:
-        body = bodies.pop()
-        yield from getattr(body, "initializer", ())
-        for node in body.node:
-            for attribute in node.attribute:
-                if attribute.HasField("t"):
-                    yield _named(attribute.t, node.output[0] if node.op_type == "Constant" and node.output else "")
-                bodies += [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
-
-
-def _named(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
-    """The tensor under `name` where it has none of its own (a Constant node's value is its output)."""
-    if tensor.name or not name:
-        return tensor
-    named = onnx.TensorProto()
-    named.CopyFrom(tensor)
-    named.name = name
-    return named
+def non_finite_constant(model: onnx.ModelProto) -> str | None:
+    """The name of a float constant of the model (modelio.model_tensors) with a NaN or an
+    infinite value, or None."""
+    return next((name for tensor, name in model_tensors(model) if tensor.data_type in FLOAT_TYPES
+                 and not np.isfinite(onnx.numpy_helper.to_array(tensor)).all()), None)
 
 
 def _op_types(model: onnx.ModelProto):
@@ -236,12 +226,7 @@ def _op_types(model: onnx.ModelProto):
 
 def _nodes(model: onnx.ModelProto):
     """Every node: the graph's, its subgraphs' (If, Loop, Scan bodies) and its model-local functions'."""
-    bodies = [model.graph, *model.functions]
-    while bodies:
-        for node in bodies.pop().node:
-            yield node
-            for attribute in node.attribute:
-                bodies += [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
+    return (node for body in bodies(model.graph, *model.functions) for node in body.node)
 
 
 def check_tensor_sizes(model: onnx.ModelProto, max_bytes: int) -> None:

@@ -18,7 +18,6 @@ from .capture import NetworkStreams
 from .config import QuantConfig
 from .errors import BitsplitError
 from .graph import LayerSpec
-from .qdq_format import weight_bytes
 from .rows import RowConverter
 from .selection import override
 from .statistics import layer_statistics
@@ -67,8 +66,7 @@ def budget_bits(layers: list[LayerSpec], sensitivity: list[dict[int, float]], co
     for layer, errors in zip(layers, sensitivity):
         fixed = override(config, layer)
         errors = errors if fixed is None else {fixed: 0.0}
-        count, rows = int(np.prod(layer.weight_shape)), layer.weight_shape[layer.axis]
-        costs.append(LayerCost(layer.name, errors, {bits: weight_bytes(count, rows, bits, config.weight_storage)
+        costs.append(LayerCost(layer.name, errors, {bits: layer.stored_bytes(bits, config.weight_storage)
                                                     for bits in errors}))
     try:
         return allocate_bits(costs, budget)

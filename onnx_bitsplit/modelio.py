@@ -258,19 +258,30 @@ def _umask() -> int:
     return mask
 
 
-def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of the model: initializers and attribute tensors, subgraphs included."""
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        yield from graph.initializer
-        yield from (sparse.values for sparse in graph.sparse_initializer)
-        for node in graph.node:
+def bodies(*roots) -> Iterator[onnx.GraphProto | onnx.FunctionProto]:
+    """The graphs and functions given and every subgraph inside them (If, Loop, Scan bodies)."""
+    pending = list(reversed(roots))
+    while pending:
+        body = pending.pop()
+        yield body
+        for node in body.node:
             for attribute in node.attribute:
-                if attribute.HasField("t"):
-                    yield attribute.t
-                yield from attribute.tensors
-                if attribute.HasField("g"):
-                    graphs.append(attribute.g)
-                graphs.extend(attribute.graphs)
+                pending += [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
 
+
+def model_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+    """Every tensor the model holds, graph, subgraphs and model-local functions alike, with a name
+    for it: initializers, sparse initializers' values, attribute tensors (a Constant node's value
+    is named after its output when it has no name of its own)."""
+    for body in bodies(model.graph, *model.functions):
+        yield from ((tensor, tensor.name) for tensor in getattr(body, "initializer", ()))
+        yield from ((sparse.values, sparse.values.name) for sparse in getattr(body, "sparse_initializer", ()))
+        for node in body.node:
+            output = node.output[0] if node.op_type == "Constant" and node.output else ""
+            for attribute in node.attribute:
+                for tensor in [attribute.t] if attribute.HasField("t") else attribute.tensors:
+                    yield tensor, tensor.name or output
+
+
+def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    return (tensor for tensor, _ in model_tensors(model))

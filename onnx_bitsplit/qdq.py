@@ -23,7 +23,7 @@ from . import __version__
 from .layout import Layout
 from .graph import LayerSpec, merge_defaults, split_defaults
 from .qdq_format import (IR_VERSION, ActivationQuant, Names, QuantizerNames, dequantize_node, quantize_linear,
-                         quantize_node, quantizer_constants, weight_bytes, weight_dtype)
+                         quantize_node, quantizer_constants, weight_dtype)
 from .weights import WeightQuant
 
 PRODUCER = "onnx-bitsplit"
@@ -60,18 +60,16 @@ def write_qdq(model: onnx.ModelProto, layout: Layout, weights: list[WeightQuant]
 
 def bytes_besides_weights(model: onnx.ModelProto, layout: Layout, layers: list[LayerSpec], *,
                           weight_storage: str) -> int:
-    """Bytes of the model write_qdq() writes, less what qdq_format.weight_bytes counts for its
-    layers' weights: measured by writing it once with placeholder 4-bit weights."""
+    """Bytes of the model write_qdq() writes, less its layers' weights as LayerSpec.stored_bytes
+    counts them: measured by writing it once with placeholder 4-bit weights."""
     placeholders = []
     for layer in layers:
-        rows = layer.weight_shape[layer.axis]
-        ones = np.ones(rows, np.float32)
-        bias = np.zeros(rows, np.int32) if layer.bias_name else None
+        ones = np.ones(layer.rows, np.float32)
+        bias = np.zeros(layer.rows, np.int32) if layer.bias_name else None
         placeholders.append(WeightQuant(layer, 4, np.zeros(layer.weight_shape, np.int8), ones, bias, ones))
     quantizers = {name: ActivationQuant(name, 1.0) for name in [*layout.tensors, *layout.constants]}
     written = write_qdq(model, layout, placeholders, quantizers, weight_storage=weight_storage).ByteSize()
-    return written - sum(weight_bytes(int(np.prod(layer.weight_shape)), layer.weight_shape[layer.axis], 4,
-                                      weight_storage) for layer in layers)
+    return written - sum(layer.stored_bytes(4, weight_storage) for layer in layers)
 
 
 def _add_node(graph: gs.Graph, node: onnx.NodeProto, tensors: dict[str, gs.Tensor]) -> None:

@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .modelio import bodies
+
 OPSET = 21
 IR_VERSION = 10
 ACTIVATION_BITS = (8, 16)
@@ -111,15 +113,14 @@ class Names:
 
 def model_names(graph: onnx.GraphProto) -> set[str]:
     """Every node and tensor name of a graph and of its subgraphs."""
-    names = {t.name for t in graph.initializer}
-    names.update(v.name for v in [*graph.input, *graph.output, *graph.value_info])
-    for node in graph.node:
-        names.add(node.name)
-        names.update(node.input)
-        names.update(node.output)
-        for attribute in node.attribute:
-            for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
-                names |= model_names(subgraph)
+    names = set()
+    for body in bodies(graph):
+        names.update(t.name for t in body.initializer)
+        names.update(v.name for v in [*body.input, *body.output, *body.value_info])
+        for node in body.node:
+            names.add(node.name)
+            names.update(node.input)
+            names.update(node.output)
     names.discard("")
     return names
 

@@ -23,6 +23,16 @@ GRID_POINTS = 21  # starting scales tried by mse_scale ...
 GRID_SAMPLES = 1 << 16  # ... each on this many of the values
 AFFINE_GRID_POINTS = 9  # shrinks of each end of [min, max] tried by mse_affine
 MIN_RANGE = 1e-4  # the narrowest float range of an activation quantizer: QNN refuses narrower ones
+# A value this far below a tensor's maximum, on the way into a Softmax, is an attention mask's
+# "minus infinity" (finfo.min, -1e4, -inf): exp() of it is 0 whatever the row. The Softmax input's
+# quantizer puts its bottom SOFTMAX_SPAN below every other value: a masked position saturated
+# there weighs at most exp(-16) = 1e-7 of its row's largest, below half a step of a 16-bit
+# probability. The mask added into that input keeps its "minus infinity" as -MASK_DEPTH (not
+# -3.4e38: integer kernels requantize by the ratio of the scales), deep enough for the sum to
+# fall below the input's bottom and saturate there.
+MASK_GAP = 1000.0
+MASK_DEPTH = 2 * MASK_GAP
+SOFTMAX_SPAN = 16.0
 
 
 def choose_quantizer(decision: TensorQuant, samples: list[np.ndarray], bits: int) -> tuple[ActivationQuant, float]:
@@ -33,11 +43,22 @@ def choose_quantizer(decision: TensorQuant, samples: list[np.ndarray], bits: int
         (the quantizer, its relative error ||x - Q(x)||² / ||x||² on the values it was chosen on).
     """
     values = np.concatenate([sample.ravel() for sample in samples])
+    masked = None
+    if (decision.softmax_input or decision.mask_operand) and not np.isnan(values).any():
+        values, masked = _unmasked(values)
     if not np.isfinite(values).all():
         raise ModelError(f"tensor '{decision.name}' has NaN or infinite values on the calibration data")
     levels = quant_range(bits, signed=False)[1]
     zero_point = 0
-    if decision.fixed_range is not None:
+    if masked is not None:  # the bottom below every other value: where the masked positions saturate
+        depth = SOFTMAX_SPAN if decision.softmax_input else MASK_DEPTH
+        scale, zero_point = mse_affine(values, bits)
+        top = (levels - zero_point) * scale
+        bottom = min(-zero_point * scale, float(values.min()) - depth)
+        scale = (top - bottom) / levels
+        zero_point = int(np.clip(round(-bottom / scale), 0, levels))
+        values = np.concatenate([values, np.full(masked.size, bottom, values.dtype)])  # as they come out
+    elif decision.fixed_range is not None:
         low, high = decision.fixed_range
         scale = (high - low) / (levels + 1)  # 1/256 for [0, 1], as QNN and onnxruntime's quantizer
         zero_point = round(-low / scale)
@@ -52,8 +73,17 @@ def choose_quantizer(decision: TensorQuant, samples: list[np.ndarray], bits: int
     if scale * levels < MIN_RANGE:  # a constant or all-zero tensor
         scale = MIN_RANGE / levels
     quantizer = ActivationQuant(decision.name, scale, zero_point, bits)
+    values = values.astype(np.float64)  # squares of float32 values beyond 1e19 overflow it
     residual = values - fake_quant(values, quantizer)
     return quantizer, float(residual @ residual / max(values @ values, 1e-30))
+
+
+def _unmasked(values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the values that are not an attention mask's "minus infinity", those that are or None)."""
+    masked = values < values[np.isfinite(values)].max(initial=0.0) - MASK_GAP
+    if not masked.any():
+        return values, None
+    return values[~masked], values[masked]
 
 
 def sample_values(batches: list[np.ndarray], limit: int = MAX_SAMPLES,

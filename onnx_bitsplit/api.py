@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from .act_scale import choose_quantizer
-from .calibration import as_feeds, batch_feeds, describe, sample_count, single_shape_inputs
+from .calibration import as_feeds, batch_feeds, describe, single_shape_inputs
 from .capture import Chooser, NetworkStreams
 from .config import QuantConfig, memory_limit, tensor_limit
 from .equalize import equalize
@@ -37,6 +37,7 @@ from .weights import WeightQuant, weight_quant
 
 Progress = Callable[[str, int, int, str], None]
 METHOD = "Bit-Split and Stitching (Wang et al., ICML 2020)"
+OUTPUT_ERROR_LIMIT = 0.01  # a graph output's quantizer losing more (SQNR < 20 dB) is warned about
 
 
 def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: QuantConfig | None = None, *,
@@ -66,7 +67,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
         prepared, layers, skipped = _prepare(model, config)
     with closing(BatchStore.within(memory, config.work_dir)) as store:
         with clock("calibration"):
-            batches, warnings = _calibration_batches(calibration, prepared, store, config)
+            batches, samples, warnings = _calibration_batches(calibration, prepared, store, config)
         equalized = []
         if config.equalization:
             with clock("equalization"):
@@ -89,14 +90,15 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
                                                   _reporter(progress, "layers", prepared, layers))
         with clock("write"):
             quantized = write_qdq(prepared, layout, solved, streams.quantizers, weight_storage=config.weight_storage)
-            _stamp(model, quantized, config, layer_reports, sample_count(batches))
+            _stamp(model, quantized, config, layer_reports, samples)
             _check_loads(quantized)
         spilled_bytes = store.spilled_bytes
+    warnings += _collapsed_outputs(prepared, activations, config.abits)
     if sensitivity is not None:
         layer_reports = [replace(layer, sensitivity=errors, reason=reason)
                          for layer, errors, reason in zip(layer_reports, sensitivity, reasons)]
     report = Report(layers=layer_reports, skipped=skipped, activations=activations, equalized=equalized,
-                    calibration_samples=sample_count(batches), activation_bits=config.abits,
+                    calibration_samples=samples, activation_bits=config.abits,
                     phase_seconds=clock.seconds, float_bytes=model.ByteSize(), quant_bytes=quantized.ByteSize(),
                     peak_rss_bytes=peak_rss(), spilled_bytes=spilled_bytes, options=asdict(config),
                     calibration=describe(calibration), wall_seconds=time.perf_counter() - start, warnings=warnings)
@@ -163,7 +165,10 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig):
     prepared = prepare(model, config.input_shapes, max_bytes=tensor_limit(config.max_memory))
     layers, skipped = find_layers(prepared)
     if not layers:
-        raise ModelError("the model has no Conv, Gemm or MatMul with a constant weight to quantize")
+        inside = [name for name, reason in skipped if reason.startswith("inside ")]
+        raise ModelError("the model has no Conv, Gemm or MatMul with a constant weight to quantize" + (
+            f" outside control flow: its {len(inside)} layers are inside If/Loop/Scan bodies, kept in float"
+            if inside else ""))
     layers, excluded = exclude_layers(layers, config.exclude)
     check_overrides(config, layers)
     if not layers:
@@ -172,20 +177,30 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig):
 
 
 def _calibration_batches(calibration, model: onnx.ModelProto, store: BatchStore, config: QuantConfig):
-    """(the calibration batches, each input's arrays in the store; warnings about what they cover)."""
-    shapes, batches = input_shapes(model), []
+    """(the calibration batches, each input's arrays in the store; the samples in them; warnings
+    about what they cover)."""
+    shapes, batches, samples = input_shapes(model), [], 0
     fed = {name: set() for name in shapes}
-    for batch in batch_feeds(as_feeds(calibration), shapes, batch_size=config.batch_size,
-                             count=config.calib_count, join_fixed=True):
+    for batch, size in batch_feeds(as_feeds(calibration), shapes, batch_size=config.batch_size,
+                                   count=config.calib_count):
         for name, value in batch.items():
             fed[name].add(value.shape[1:])
         batches.append({name: store.put(value) for name, value in batch.items()})
+        samples += size
     warnings = [
         f"input '{printable(name)}' has a dynamic size and was calibrated at one only "
         f"({'x'.join(map(str, shape))}): activation ranges at other sizes are not covered; "
         "calibrate at the sizes it will run at (--input-size, repeatable) or fix it (--input-shape)"
         for name, shape in single_shape_inputs(shapes, fed).items()]
-    return batches, warnings
+    return batches, samples, warnings
+
+
+def _collapsed_outputs(model: onnx.ModelProto, errors: dict[str, float], bits: int) -> list[str]:
+    """A warning for each graph output its quantizer loses much of (a near-constant output on a
+    coarse grid): the model would pass as converted while what reads it sees noise or a constant."""
+    return [f"output '{printable(o.name)}' loses {errors[o.name]:.0%} of its energy to its {bits}-bit quantizer on "
+            f"the calibration data: check it (onnx-bitsplit check) before use; --abits 16 keeps more of it"
+            for o in model.graph.output if errors.get(o.name, 0.0) > OUTPUT_ERROR_LIMIT]
 
 
 def _equalize(model: onnx.ModelProto, layers: list[LayerSpec], batches, store: BatchStore):

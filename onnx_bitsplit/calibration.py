@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CalibrationError
-from .shapes import fixed_batch as fixed_batch_of
+from .shapes import AS_GIVEN, DYNAMIC_BATCH, batching
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 ARRAY_SUFFIXES = {".npy", ".npz"}
@@ -316,32 +316,64 @@ def labels_from_names(paths: list[Path]) -> list[int] | None:
 
 
 def batch_feeds(feeds: Iterable[dict[str, np.ndarray]], shapes: dict[str, list], *,
-                batch_size: int | None, count: int, join_fixed: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                batch_size: int | None, count: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
     """At most `count` samples, checked against the model's inputs and regrouped into batches,
-    one at a time (a calibration set never has to fit in memory): `batch_size` rows where the
-    batch axis is dynamic (None: as many as make about RUN_INPUT_BYTES of input), else the
-    model's fixed batch, or with `join_fixed` as many of those as make up about that size.
+    one at a time (a calibration set never has to fit in memory): (batch, its samples).
+
+    How samples group depends on the inputs (shapes.batching): where every input's axis 0 is
+    dynamic, samples are joined along it, `batch_size` rows at a time (None: as many as make about
+    RUN_INPUT_BYTES of input); where every input fixes the same axis 0, a batch is that many rows
+    (a feed of several is split, never joined: the batch may be written into the model's
+    constants, and intermediates may not carry it on axis 0); otherwise (a 0-D input, states with
+    the batch on axis 1) each feed is one batch, as given, and one sample.
 
     Args:
         shapes: input name -> shape, None for a dynamic dimension (shapes.input_shapes()).
     """
-    fixed_batch = fixed_batch_of(shapes)
-    count = max(count - count % fixed_batch, fixed_batch) if fixed_batch else count
-    rows_per_batch = fixed_batch if fixed_batch and not join_fixed else None
+    mode = batching(shapes)
+    if mode == DYNAMIC_BATCH:
+        batches = _joined(feeds, shapes, batch_size, count)
+    else:
+        batches = _as_given(feeds, shapes, mode, count)
+    empty = True
+    for batch in batches:
+        empty = False
+        yield batch
+    if empty:
+        raise CalibrationError("the calibration data is empty")
+
+
+def _as_given(feeds, shapes: dict[str, list], mode, count: int):
+    """Each feed as a batch (AS_GIVEN), or split into batches of the fixed batch."""
+    rows = 1 if mode == AS_GIVEN else mode
+    yielded = 0
+    for index, feed in enumerate(feeds):
+        feed = _checked_feed(feed, shapes, mode, index)
+        parts = [feed] if mode == AS_GIVEN else [{name: value[i:i + rows] for name, value in feed.items()}
+                                                 for i in range(0, _rows(feed), rows)]
+        for part in parts:
+            if yielded + rows > max(count, rows):  # at least one batch, of whole batches
+                return
+            yielded += rows
+            yield part, rows
+
+
+def _joined(feeds, shapes: dict[str, list], batch_size: int | None, count: int):
+    """Samples joined along axis 0 into batches of `batch_size` rows (DYNAMIC_BATCH)."""
+    rows_per_batch = None
     pending, total, yielded = [], 0, 0
 
     def limited(batch):  # rows past `count` dropped
-        return {name: value[:count - yielded] for name, value in batch.items()}
+        batch = {name: value[:count - yielded] for name, value in batch.items()}
+        return batch, _rows(batch)
 
     for index, feed in enumerate(feeds):
-        feed = _checked_feed(feed, shapes, fixed_batch, index)
+        feed = _checked_feed(feed, shapes, DYNAMIC_BATCH, index)
         if rows_per_batch is None:
             rows_per_batch = batch_size or max(1, min(MAX_BATCH, RUN_INPUT_BYTES // _sample_bytes(feed)))
-            if fixed_batch:
-                rows_per_batch = fixed_batch * max(1, rows_per_batch // fixed_batch)
         if pending and _sample_shapes(pending[0]) != _sample_shapes(feed):  # dynamic sizes: no stacking
             batch = limited(_concatenate(pending))
-            yielded += _rows(batch)
+            yielded += batch[1]
             yield batch
             pending = []
         pending.append(feed)
@@ -349,18 +381,14 @@ def batch_feeds(feeds: Iterable[dict[str, np.ndarray]], shapes: dict[str, list],
         while sum(map(_rows, pending)) >= rows_per_batch and yielded < count:
             joined = _concatenate(pending)
             batch = limited({name: value[:rows_per_batch] for name, value in joined.items()})
-            yielded += _rows(batch)
+            yielded += batch[1]
             yield batch
             rest = {name: value[rows_per_batch:] for name, value in joined.items()}
             pending = [rest] if _rows(rest) else []
         if total >= count:
             break
     if pending and yielded < count:
-        batch = limited(_concatenate(pending))
-        yielded += _rows(batch)
-        yield batch
-    if not yielded:
-        raise CalibrationError("the calibration data is empty")
+        yield limited(_concatenate(pending))
 
 
 def _sample_bytes(feed: dict[str, np.ndarray]) -> int:
@@ -375,15 +403,10 @@ def _rows(feed: dict[str, np.ndarray]) -> int:
     return next(iter(feed.values())).shape[0]
 
 
-def sample_count(batches: list[dict[str, np.ndarray]]) -> int:
-    """Samples in a list of batches (batch_feeds' result)."""
-    return sum(map(_rows, batches))
-
-
-def _checked_feed(feed, shapes, fixed_batch: int | None, index: int) -> dict[str, np.ndarray]:
+def _checked_feed(feed, shapes, mode, index: int) -> dict[str, np.ndarray]:
     """The feed's arrays, checked: every input present, every fixed dimension matching (a fixed
-    batch may come as any multiple of itself), the same number of rows in every input, finite
-    values (one NaN would make every scale and bias NaN)."""
+    batch may come as any multiple of itself), the same number of rows in every input where
+    samples are joined or split, finite values (one NaN would make every scale and bias NaN)."""
     if not isinstance(feed, dict):
         raise CalibrationError(f"a calibration feed must be a dict of arrays, got {type(feed).__name__}")
     missing = [name for name in shapes if name not in feed]
@@ -392,20 +415,21 @@ def _checked_feed(feed, shapes, fixed_batch: int | None, index: int) -> dict[str
     checked = {}
     for name, shape in shapes.items():
         value = np.asarray(feed[name])
-        expected = [d if isinstance(d, int) else "?" for d in shape]
-        dims_match = value.ndim == len(shape) and value.ndim > 0 and all(
-            not isinstance(want, int) or want == got for want, got in list(zip(shape, value.shape))[1:])
-        batch_fits = value.ndim > 0 and value.shape[0] > 0 and (
-            fixed_batch is None or value.shape[0] % fixed_batch == 0)
-        if not (dims_match and batch_fits):
-            raise CalibrationError(
-                f"input '{name}': calibration array has shape {list(value.shape)}, the model expects {expected}")
+        expected = "x".join(str(d) if isinstance(d, int) else "?" for d in shape) or "a scalar"
+        fixed_dims = list(zip(shape, value.shape))[0 if mode == AS_GIVEN else 1:]
+        fits = value.ndim == len(shape) and all(not isinstance(want, int) or want == got for want, got in fixed_dims)
+        if mode != AS_GIVEN:
+            fits = fits and value.ndim > 0 and value.shape[0] > 0 and (
+                mode == DYNAMIC_BATCH or value.shape[0] % mode == 0)
+        if not fits:
+            got = "x".join(map(str, value.shape)) or "a scalar"
+            raise CalibrationError(f"input '{name}': calibration array of shape {got}, the model expects {expected}")
         if value.dtype.kind not in "fiub":
             raise CalibrationError(f"input '{name}': calibration array of type {value.dtype} is not numeric")
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise CalibrationError(f"calibration feed {index}: input '{name}' has NaN or infinite values")
         checked[name] = value
-    if len({value.shape[0] for value in checked.values()}) > 1:
+    if mode != AS_GIVEN and len({value.shape[0] for value in checked.values()}) > 1:
         raise CalibrationError("a calibration feed has inputs with different numbers of samples")
     return checked
 

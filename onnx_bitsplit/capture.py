@@ -28,8 +28,7 @@ from .act_scale import MAX_SAMPLES, sample_values
 from .graph import LayerSpec
 from .layout import Layout, TensorQuant
 from .qdq_format import ActivationQuant, dequantize_linear, fake_quant, quantize_linear
-from .segments import Segment, SegmentBuilder, SegmentRunner, last_uses
-from .shapes import fixed_batch, input_shapes
+from .segments import Segment, SegmentBuilder, last_uses, run_segment, segment_session
 from .store import BatchStore, Stored
 
 Chooser = Callable[[TensorQuant, list[np.ndarray]], ActivationQuant]
@@ -127,7 +126,6 @@ class NetworkStreams:
         self.batch_count = len(batches)
         self.samples_per_batch = max(1, MAX_SAMPLES // self.batch_count)  # for choosing quantizers
         self.builder = SegmentBuilder(model, self.layout, self.last_use, self._cached_dtype)
-        self.runner = SegmentRunner(fixed_batch(input_shapes(model)))
         self.quantizers: dict[str, ActivationQuant] = {}
         self.store = store
         readers = 2 if self.compensate else 1
@@ -194,8 +192,8 @@ class NetworkStreams:
         def ending(cache):  # the tensors no node from `stop` on reads
             return [name for name in cache if self.last_use.get(name, -1) < stop]
 
-        segment = self.builder.float_segment(start, stop, float_params, extra_outputs=chosen)
-        samples = self._run(segment, self.float_cache, chosen, consumed={  # what the quantized run reads stays
+        samples = self._run(lambda: self.builder.float_segment(start, stop, float_params, extra_outputs=chosen),
+                            self.float_cache, chosen, consumed={  # what the quantized run reads stays
             name for name in ending(self.float_cache)
             if not (quantized_runs and self.quant_cache.get(name) is self.float_cache[name])})
         for decision in produced:
@@ -203,34 +201,46 @@ class NetworkStreams:
                 self.choose(decision, samples[decision.name]) if decision.shares is None
                 else replace(self.quantizers[decision.shares], tensor_name=decision.name))
         if quantized_runs:
-            segment = self.builder.quantized_segment(
-                start, stop, quant_params, written=[self.quantizers[d.name] for d in produced],
-                quantizers=self.quantizers, quantized_constants=self.quantized_constants)
-            self._run(segment, self.quant_cache, consumed=set(ending(self.quant_cache)))
+            written = [self.quantizers[d.name] for d in produced]
+            self._run(lambda: self.builder.quantized_segment(start, stop, quant_params, written=written,
+                                                             quantizers=self.quantizers,
+                                                             quantized_constants=self.quantized_constants),
+                      self.quant_cache, consumed=set(ending(self.quant_cache)))
         for cache in (self.float_cache, self.quant_cache) if self.compensate else (self.float_cache,):
             for name in ending(cache):
                 cache.pop(name).release(self.store)
         self.store.release_freed()
 
-    def _run(self, segment: Segment, cache: dict[str, CachedTensor], sampled: set[str] = frozenset(),
+    def _run(self, build: Callable[[], Segment], cache: dict[str, CachedTensor], sampled: set[str] = frozenset(),
              consumed: set[str] = frozenset()) -> dict[str, list[np.ndarray]]:
-        """Run the segment on every batch; keep what later nodes read in `cache` (in the store).
-        The inputs in `consumed` (no later run reads them) are dropped batch by batch once read:
-        the memory they held takes the outputs, which would otherwise go to disk.
+        """Run the segment that build() makes on every batch; keep what later nodes read in
+        `cache` (in the store). The inputs in `consumed` (no later run reads them) are dropped
+        batch by batch once read: the memory they held takes the outputs, which would otherwise
+        go to disk. A tensor stored as float16 that overflows it (an attention mask of -3.4e38, a
+        power spectrum) is stored as float32 from then on, the segment rebuilt.
 
         Returns:
             for each output in `sampled`, a sample of its values from every batch (sample_values).
         """
+        segment = build()
         if not segment.outputs:
             return {}
-        session = self.runner.session(segment)
+        session = segment_session(segment)
         rng = np.random.default_rng(self.seed)
         samples = {name: [] for name in segment.outputs if name in sampled}
         kept = {name: [] for name in segment.kept}
-        feeds = [segment.coded.get(name, name) for name in segment.inputs]
         for i in range(self.batch_count):
-            results = self.runner.run(session, segment, {feed: self.store.get(cache[name].items[i])
-                                                         for feed, name in zip(feeds, segment.inputs)})
+            feed = {segment.coded.get(name, name): self.store.get(cache[name].items[i]) for name in segment.inputs}
+            results = run_segment(session, segment, feed)
+            overflowed = [name for name, fetch, result in zip(segment.outputs, segment.fetches, results)
+                          if fetch != name and result.dtype == np.float16 and not np.isfinite(result).all()]
+            if overflowed:
+                self.builder.store_float32(overflowed)
+                for name in overflowed:  # the batches before: finite in float16, exact in float32
+                    kept[name] = [self._widened(item, name) for item in kept[name]]
+                segment = build()
+                session = segment_session(segment)
+                results = run_segment(session, segment, feed)
             for name in consumed.intersection(segment.inputs):
                 cache[name].drop_batch(self.store, i)
             for name, fetch, result in zip(segment.outputs, segment.fetches, results):
@@ -241,6 +251,11 @@ class NetworkStreams:
                     kept[name].append(self.store.put(np.array(result), until=self.last_use[name]))
         cache.update({name: CachedTensor(items) for name, items in kept.items()})
         return samples
+
+    def _widened(self, item: Stored, name: str) -> Stored:
+        widened = self.store.put(self.store.get(item).astype(np.float32), until=self.last_use[name])
+        self.store.drop(item)
+        return widened
 
     def _cached_dtype(self, name: str) -> np.dtype | None:
         """The stored type of a frontier tensor (a stream may have dropped the batches it read last)."""

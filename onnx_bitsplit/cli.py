@@ -165,7 +165,8 @@ def image_options(command):
               help="Seed of the samples drawn (patch rows, activation values): another seed shows how much "
                    "a result owes to them.")
 @click.option("--batch-size", type=click.IntRange(min=1),
-              help="Calibration samples run at once.  [default: about 4 MiB of input]")
+              help="Calibration samples run at once where the batch axis is dynamic.  "
+                   "[default: about 4 MiB of input]")
 @click.option("--work-dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
               help="Where tensors past the memory budget go (a temporary folder, removed on exit).  "
                    "[default: the output's folder]")
@@ -226,7 +227,9 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
               help="Class of each sample, one integer a line in sample order. Without it, image names "
                    "that start with a class number (CCC_name.jpg) give the labels.")
 @click.option("--min-agree", type=Fraction(),
-              help="Exit with 3 if argmax agreement is below this: a fraction such as 0.9, or 90%.")
+              help="Exit with 3 if argmax agreement (outputs shaped as class scores) is below this: a fraction "
+                   "such as 0.9, or 90%.")
+@click.option("--min-cosine", type=Fraction(), help="Exit with 3 if an output's cosine similarity is below this.")
 @click.option("--min-sqnr", type=FiniteFloat(), help="Exit with 3 if SQNR is below this many dB.")
 @click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
               help="Run the quantized model on onnxruntime's CPU, on Qualcomm's NPU (QNN HTP, package "
@@ -237,7 +240,7 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
 @click.option("--verbose", "-v", is_flag=True, help="On an error, print the full traceback before its line.")
 def check_command(float_path: Path, quant_path: Path, data: Path, count: int | None, batch_size: int,
                   calib: Path | None, max_memory: int | None, labels_path: Path | None, min_agree: float | None,
-                  min_sqnr: float | None, provider: str, as_json: bool, quiet: bool, verbose: bool,
+                  min_cosine: float | None, min_sqnr: float | None, provider: str, as_json: bool, quiet: bool, verbose: bool,
                   preset: str, mean, std, input_size, layout: str, bgr: bool, crop_ratio: float, resize: str):
     """Run a float model and its quantized version on the same inputs and compare them: argmax
     agreement, top-1 where labels are known, cosine similarity, SQNR, max error, latency."""
@@ -253,9 +256,10 @@ def check_command(float_path: Path, quant_path: Path, data: Path, count: int | N
                          batch_size=batch_size)
         report.files = {"float": str(float_path), "quantized": str(quant_path), "data": str(data)}
         report.sha256 = {str(path): file_sha256(path) for path in model_files(float_path) + model_files(quant_path)}
+        gates = {"min_agree": min_agree, "min_cosine": min_cosine, "min_sqnr": min_sqnr}
         if not quiet:
-            _emit(report.to_json(min_agree=min_agree, min_sqnr=min_sqnr) if as_json else report.table())
-    failures = report.failures(min_agree=min_agree, min_sqnr=min_sqnr)
+            _emit(report.to_json(**gates) if as_json else report.table())
+    failures = report.failures(**gates)
     for failure in failures:
         click.echo(f"FAILED: {failure}", err=True)
     if failures:

@@ -63,8 +63,9 @@ class QuantConfig:
             tensor's values for its quantizer): the same seed gives the same model; other seeds
             show how much a result owes to the samples (docs/benchmarks.md, What the row sample and
             the seed cost). Defaults to 0.
-        batch_size: calibration samples run through onnxruntime at once; None: as many as make
-            about 4 MiB of input (calibration.RUN_INPUT_BYTES). Defaults to None.
+        batch_size: calibration samples run through onnxruntime at once where every input's batch
+            axis is dynamic (calibration.batch_feeds); None: as many as make about 4 MiB of input
+            (calibration.RUN_INPUT_BYTES). Defaults to None.
         calib_count: use at most this many calibration samples. Defaults to 256.
         input_shapes: static shapes for the model's inputs by name, e.g. {"input": (1, 3, 224, 224)};
             the output has them and calibration runs at them (NPUs need static shapes).

@@ -3,8 +3,10 @@
 prepare() turns a float model into the form the rest of the tool relies on: opset 21, input shapes
 made static where asked, onnxruntime's basic offline optimizations applied (constant folding,
 shape subgraphs included, Pad folded into Conv, Conv+Add/Mul/BatchNormalization fusion; standard
-operators only), BatchNormalization folded into the Conv before it, every quantizable layer with a
-bias, nodes named, topologically sorted, shapes inferred. find_layers() then returns a LayerSpec
+operators only), BatchNormalization folded into the Conv before it, an activation a Gemm adds (a
+residual onnxruntime fused into it) split off into an Add, GELU written with Erf as one Gelu node,
+every quantizable layer with a bias,
+nodes named, topologically sorted, shapes inferred. find_layers() then returns a LayerSpec
 for each Conv, Gemm and MatMul whose weight is a constant.
 """
 
@@ -23,7 +25,7 @@ import onnxruntime as ort
 from onnx import version_converter
 
 from .errors import ModelError, first_line
-from .modelio import PROTOBUF_LIMIT, bodies, model_tensors
+from .modelio import PROTOBUF_LIMIT, bodies, model_tensors, node_reads
 from .patches import ConvGeometry, conv_patches, conv_positions, dense_patches
 from .qdq_format import IR_VERSION, OPSET, Names, weight_bytes
 from .shapes import set_input_shapes
@@ -153,6 +155,8 @@ def prepare(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | N
         _name_nodes(graph, names)
         graph.fold_constants().cleanup().toposort()
         _fold_batch_norms(graph, names)
+        _split_activation_biases(graph, names)
+        _fuse_erf_gelus(graph, names)
         _fold_gemm_factors(graph, names)
         _add_missing_biases(graph, names)
         return merge_defaults(export(graph), defaults)
@@ -412,6 +416,63 @@ def _fold_batch_norms(graph: gs.Graph, names: Names) -> None:
     graph.cleanup().toposort()
 
 
+def _split_activation_biases(graph: gs.Graph, names: Names) -> None:
+    """A Gemm with a constant weight that adds an activation (onnxruntime fuses MatMul + Add of a
+    residual into one) as Gemm then Add: the layer keeps its weight quantizable."""
+    for node in list(graph.nodes):
+        if (node.op != "Gemm" or len(node.inputs) < 3 or not isinstance(node.inputs[1], gs.Constant)
+                or isinstance(node.inputs[2], gs.Constant) or node.attrs.get("beta", 1.0) != 1.0):
+            continue
+        added, output = node.inputs.pop(2), node.outputs[0]
+        product = gs.Variable(names.new(output.name, "product"), dtype=output.dtype)
+        node.outputs = [product]
+        graph.nodes.append(gs.Node("Add", names.new(node.name, "add"), inputs=[product, added], outputs=[output]))
+    graph.toposort()
+
+
+def _fuse_erf_gelus(graph: gs.Graph, names: Names) -> None:
+    """x * 0.5 * (1 + erf(x / sqrt 2)), as exporters write GELU below opset 20, as one Gelu node:
+    one node unit that QNN and OpenVINO run (QNN has no Erf) instead of five."""
+    def constant(tensor, value) -> bool:
+        return isinstance(tensor, gs.Constant) and tensor.values.size == 1 and np.isclose(
+            float(tensor.values.ravel()[0]), value, rtol=1e-4)
+
+    def other(node, tensor):  # a two-input node's other input
+        return node.inputs[1] if node.inputs[0] is tensor else node.inputs[0]
+
+    def only_reader(tensor, op):
+        readers = tensor.outputs
+        return readers[0] if len(readers) == 1 and readers[0].op == op else None
+
+    for erf in [node for node in graph.nodes if node.op == "Erf"]:
+        scaled = erf.inputs[0]
+        divide = scaled.inputs[0] if len(scaled.inputs) == 1 else None
+        if divide is None or divide.op not in ("Div", "Mul"):
+            continue
+        x = divide.inputs[1] if divide.op == "Mul" and isinstance(divide.inputs[0], gs.Constant) else divide.inputs[0]
+        if not constant(other(divide, x), 2 ** 0.5 if divide.op == "Div" else 2 ** -0.5):
+            continue
+        plus_one = only_reader(erf.outputs[0], "Add")
+        if plus_one is None or not constant(other(plus_one, erf.outputs[0]), 1.0):
+            continue
+        product = only_reader(plus_one.outputs[0], "Mul")
+        if product is None:
+            continue
+        factor = other(product, plus_one.outputs[0])
+        half = factor.inputs[0] if len(factor.inputs) == 1 else None
+        if half is not None and half.op == "Mul" and x in half.inputs and constant(other(half, x), 0.5):
+            output = product.outputs[0]  # (x * 0.5) * (1 + erf)
+        elif factor is x and only_reader(product.outputs[0], "Mul") is not None and constant(
+                other(only_reader(product.outputs[0], "Mul"), product.outputs[0]), 0.5):
+            output = only_reader(product.outputs[0], "Mul").outputs[0]  # (x * (1 + erf)) * 0.5
+        else:
+            continue
+        producer = output.inputs[0]
+        producer.outputs.clear()
+        graph.nodes.append(gs.Node("Gelu", names.new(erf.name, "gelu"), inputs=[x], outputs=[output]))
+    graph.cleanup().toposort()
+
+
 def _fold_gemm_factors(graph: gs.Graph, names: Names) -> None:
     """Gemm's alpha into its constant weight and beta into its constant bias: integer kernels
     fuse a Gemm whose bias is added as it is (onnxruntime's QGemm wants beta = 1)."""
@@ -447,12 +508,14 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[tuple[str
     initializers = constant_initializers(model)
     uses: dict[str, int] = {}
     for node in model.graph.node:
-        for name in node.input:
+        for name in node_reads(node):
             uses[name] = uses.get(name, 0) + 1
     layers, skipped = [], []
     for node in model.graph.node:
         if node.op_type in FLOAT_LAYER_OPS:
             skipped.append((node.name, f"{node.op_type} is kept in float"))
+        skipped += [(inner.name, f"inside {node.op_type} '{node.name}': control-flow bodies are kept in float")
+                    for inner in _body_layers(node)]
         if node.op_type not in LAYER_OPS:
             continue
         weight_index = _weight_index(node, initializers)
@@ -463,6 +526,13 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[LayerSpec], list[tuple[str
             continue
         layers.append(_layer_spec(node, weight, weight_index))
     return layers, skipped
+
+
+def _body_layers(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The weighted layers inside a node's subgraphs (If branches, Loop and Scan bodies)."""
+    return [inner for attribute in node.attribute
+            for body in bodies(*([attribute.g] if attribute.HasField("g") else attribute.graphs))
+            for inner in body.node if inner.op_type in LAYER_OPS | FLOAT_LAYER_OPS]
 
 
 def _weight_index(node, initializers) -> int | None:

@@ -9,16 +9,22 @@ of UNIT_OPS is such a unit; capture.py simulates exactly this decision and qdq.p
 Rules, as onnxruntime's own QDQ quantizer applies them:
 - every float input and output of a unit operator is quantized, once per tensor, whoever else
   reads it (operators outside UNIT_OPS read the dequantized value and run in float);
-- data-movement operators (SAME_SCALE_OPS) give their output their input's quantizer: their
-  output values lie on the input's grid, and runtimes run them on the integers unchanged (with
-  other parameters onnxruntime and QNN run them in float);
+- data-movement operators (SAME_SCALE_OPS) give their output their input's quantizer, a quantized
+  constant's too (an embedding table's Gather): their output values lie on the input's grid, and
+  runtimes run them on the integers unchanged (with other parameters onnxruntime and QNN run them
+  in float);
 - a Relu, or a Clip from 0, whose input has no other reader disappears into the quantizer of its
   output: a quantizer with zero point 0 and qmax·scale <= the Clip's top saturates exactly as the
   operator does (a runtime fuses Conv -> Relu/Clip -> Q only when the Q makes them redundant);
 - operators with a fixed output range (Sigmoid, Softmax, Tanh, HardSigmoid, a Clip below 0) get a
   quantizer spanning exactly that range, as QNN's 16-bit kernels require;
-- graph outputs get a quantizer over their whole calibration range: what reads them (argmax,
-  thresholds, box decoding) lives on the extremes that a clipping quantizer would flatten;
+- graph outputs get a quantizer over their whole calibration range, fixed-range operators' too:
+  what reads them (argmax, thresholds, box decoding) lives on the extremes that a clipping
+  quantizer would flatten, and a score of 1e-5 must not become 0 on a [0, 1] grid;
+- a Softmax's input may carry an attention mask, "minus infinity" where padding is: its
+  quantizer is chosen on the other values and its bottom set far enough below them that the
+  masked positions, saturated there, still weigh nothing; the mask added into it keeps its
+  "minus infinity" as a value low enough for the sum to saturate (act_scale.choose_quantizer);
 - constant data inputs of units (an Add's or Mul's operand) become per-tensor integer constants.
 """
 
@@ -30,6 +36,7 @@ from dataclasses import dataclass, field, replace
 import onnx
 
 from .graph import LayerSpec, constant_initializers, non_negative_tensors
+from .modelio import node_reads
 
 # operator -> positions of its data inputs (the rest are parameters: shapes, pads, scales, roi...)
 UNIT_OPS: dict[str, tuple[int, ...]] = {
@@ -40,7 +47,7 @@ UNIT_OPS: dict[str, tuple[int, ...]] = {
     "Unsqueeze": (0,), "Pad": (0,), "Slice": (0,), "Split": (0,), "Gather": (0,),
     "DepthToSpace": (0,), "SpaceToDepth": (0,),
     "Relu": (0,), "Clip": (0,), "LeakyRelu": (0,), "Sigmoid": (0,), "HardSigmoid": (0,),
-    "HardSwish": (0,), "Tanh": (0,), "Softmax": (0,), "Sub": (0, 1), "Div": (0, 1), "ReduceMean": (0,),
+    "HardSwish": (0,), "Tanh": (0,), "Softmax": (0,), "Gelu": (0,), "Sub": (0, 1), "Div": (0, 1), "ReduceMean": (0,),
     "Expand": (0,), "Tile": (0,), "GatherElements": (0,),
 }
 ALL_INPUTS = {"Concat", "Sum"}  # every input is data
@@ -69,6 +76,10 @@ class TensorQuant:
             qmax·scale <= upper_bound so that the quantizer saturates where the Clip does.
         fixed_range: (low, high) of an operator with a bounded output: the quantizer spans it.
         full_range: the quantizer spans the tensor's whole calibration range, no clipping.
+        softmax_input: only Softmax reads it, so it may hold an attention mask's "minus
+            infinity" (finfo.min, -1e4, -inf): the quantizer keeps those values below every other.
+        mask_operand: it is added into a softmax input (the mask itself): its "minus infinity"
+            becomes a value low enough for the sum to saturate at that input's bottom.
     """
 
     name: str
@@ -78,6 +89,8 @@ class TensorQuant:
     upper_bound: float | None = None
     fixed_range: tuple[float, float] | None = None
     full_range: bool = False
+    softmax_input: bool = False
+    mask_operand: bool = False
 
 
 @dataclass
@@ -113,7 +126,7 @@ def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec]) -> Layout:
     producers.update({i.name: -1 for i in graph.input if i.name not in initializers})
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        for name in dict.fromkeys(node.input):
+        for name in node_reads(node):
             readers.setdefault(name, []).append(node)
     outputs = {o.name for o in graph.output}
     layer_inputs = {layer.name: layer.input_name for layer in layers}
@@ -141,10 +154,20 @@ def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec]) -> Layout:
         source = node.input[0] if node is not None and node.input else None
         if node is not None and node.op_type in SAME_SCALE_OPS and source in decided:
             decided[name] = TensorQuant(name, decided[source].signed, shares=_root(source, decided))
+        elif node is not None and node.op_type in SAME_SCALE_OPS and source in constants:  # an embedding table
+            decided[name] = TensorQuant(name, constants[source].signed, shares=source)
         else:
             decided[name] = _own_quantizer(non_negative, name, node, removed, initializers)
-            if name in outputs and decided[name].fixed_range is None:
-                decided[name] = replace(decided[name], full_range=True)
+            if name in outputs:
+                decided[name] = replace(decided[name], full_range=True, fixed_range=None)
+            elif readers.get(name) and all(reader.op_type == "Softmax" for reader in readers[name]):
+                decided[name] = replace(decided[name], softmax_input=True)
+    for name in [name for name, decision in decided.items() if decision.softmax_input]:
+        node = graph.node[producers[name]] if producers[name] >= 0 else None
+        for operand in node.input if node is not None and node.op_type == "Add" else ():
+            if operand in decided:
+                root = _root(operand, decided)
+                decided[root] = replace(decided[root], mask_operand=True)
     return Layout(decided, constants, {name: producers[name] for name in decided})
 
 
@@ -176,7 +199,8 @@ def _removable(node: onnx.NodeProto, producers, readers, outputs, initializers) 
 
 
 def _root(name: str, decided: dict[str, TensorQuant]) -> str:
-    while decided[name].shares is not None:
+    """The tensor whose quantizer `name` takes over through shares (a constant ends the chain)."""
+    while name in decided and decided[name].shares is not None:
         name = decided[name].shares
     return name
 

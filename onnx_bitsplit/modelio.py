@@ -269,6 +269,18 @@ def bodies(*roots) -> Iterator[onnx.GraphProto | onnx.FunctionProto]:
                 pending += [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
 
 
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors a node reads: its inputs, then what its subgraphs (If, Loop, Scan bodies) read
+    from the enclosing graphs by name, without listing them as inputs."""
+    reads = [name for name in node.input if name]
+    for attribute in node.attribute:
+        for body in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+            defined = ({value.name for value in body.input} | {tensor.name for tensor in body.initializer}
+                       | {name for inner in body.node for name in inner.output})
+            reads += [name for inner in body.node for name in node_reads(inner) if name not in defined]
+    return list(dict.fromkeys(reads))
+
+
 def model_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
     """Every tensor the model holds, graph, subgraphs and model-local functions alike, with a name
     for it: initializers, sparse initializers' values, attribute tensors (a Constant node's value

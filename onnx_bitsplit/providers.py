@@ -41,7 +41,7 @@ class Placement:
 
     Attributes:
         provider: one of PROVIDERS.
-        whole: every node ran there (for OpenVINO: every weighted layer in u8/i8).
+        whole: every node ran there (for OpenVINO: every layer with a weight in u8/i8).
         fallbacks: (op type, node name, reason) of each node that did not.
     """
 
@@ -211,12 +211,12 @@ def _openvino_runner(model: onnx.ModelProto) -> Runner:
             compiled = core.compile_model(core.read_model(str(path)), "CPU")
         except Exception as exc:
             raise BitsplitError(f"OpenVINO cannot load the model: {cause_line(exc)}") from None
-    fallbacks = []
+    fallbacks, products = [], _activation_products(model)
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
         precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
-        if kind in OPENVINO_WEIGHTED and precision not in INTEGER_PRECISIONS:
+        if kind in OPENVINO_WEIGHTED and precision not in INTEGER_PRECISIONS and op.get_friendly_name() not in products:
             fallbacks.append((kind, op.get_friendly_name(), f"runs in {precision}"))
     request = compiled.create_infer_request()
     names = [output.get_any_name() for output in compiled.outputs]
@@ -226,6 +226,15 @@ def _openvino_runner(model: onnx.ModelProto) -> Runner:
         return [np.asarray(results[output]) for output in compiled.outputs]
 
     return Runner(run, names, Placement("openvino", whole=not fallbacks, fallbacks=fallbacks))
+
+
+def _activation_products(model: onnx.ModelProto) -> set[str]:
+    """The MatMuls of two activations (attention's scores and context): no weight, and OpenVINO's
+    CPU plugin runs them in f32 whatever their quantizers, so they do not count as weighted layers."""
+    constants = {t.name for t in model.graph.initializer}
+    dequantized = {node.output[0]: node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    return {node.name for node in model.graph.node if node.op_type == "MatMul"
+            and not any(dequantized.get(name, name) in constants for name in node.input)}
 
 
 class _captured_stderr:

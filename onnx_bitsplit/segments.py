@@ -5,7 +5,8 @@ the cut that earlier nodes produced (the frontier), its outputs the tensors that
 plus any asked for. It comes in the two forms the streams store their tensors in:
 - float: the tensors the layout quantizes are stored as float16 (a rounding error 2^-11 of the
   value, far below an 8-bit quantizer's step); onnxruntime's Cast converts them, 10x faster than
-  numpy and with the same rounding;
+  numpy and with the same rounding. A tensor whose values overflow float16 (an attention mask's
+  -3.4e38, a power spectrum) is stored as float32 (store_float32);
 - quantized: each tensor the layout quantizes goes through QuantizeLinear and DequantizeLinear
   (qdq_format) before anything reads it, and is stored as its integers; inputs quantized earlier
   are read as integers and dequantized; quantized constants replace the float ones.
@@ -21,7 +22,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
+from .errors import ModelError, first_line
 from .layout import Layout
+from .modelio import node_reads
 from .providers import make_session
 from .qdq_format import ActivationQuant, Names, QuantizerNames, dequantize_node, quantize_node, quantizer_constants
 
@@ -72,6 +75,7 @@ class SegmentBuilder:
         self.names = Names.of_model(model)
         self.quantizer_names: dict[str, QuantizerNames] = {}
         self.half_names: dict[str, str] = {}
+        self.float32_stored: set[str] = set()
 
     def float_segment(self, start: int, stop: int, params: dict[str, np.ndarray],
                       extra_outputs: set[str]) -> Segment:
@@ -122,7 +126,7 @@ class SegmentBuilder:
         """(nodes, frontier inputs, outputs later nodes read, constants with `params` in place)."""
         nodes = self.nodes[start:stop]
         produced = {name for node in nodes for name in node.output}
-        read = list(dict.fromkeys(name for node in nodes for name in node.input if name))
+        read = list(dict.fromkeys(name for node in nodes for name in node_reads(node)))
         inputs = [n for n in read if n not in produced and n not in self.initializers]
         kept = [n for n in dict.fromkeys(o for node in nodes for o in node.output) if self.last_use.get(n, -1) >= stop]
         constants = [self.initializers[n] for n in read if n in self.initializers and n not in params]
@@ -167,12 +171,17 @@ class SegmentBuilder:
             self.half_names[tensor] = self.names.new(tensor, "half")
         return self.half_names[tensor]
 
+    def store_float32(self, names: list[str]) -> None:
+        """Store these tensors as float32 in the float stream from now on: their values overflow float16."""
+        self.float32_stored.update(names)
+
     def _stored_half(self, name: str) -> bool:
         """Whether the float stream stores the tensor as float16: a float32 tensor that the layout
-        quantizes, produced inside the graph (calibration inputs are stored as given)."""
+        quantizes, produced inside the graph (calibration inputs are stored as given), unless its
+        values overflow float16 (store_float32)."""
         info = self.value_infos.get(name)
-        return (name in self.layout.tensors and name not in self.graph_inputs and info is not None
-                and info.type.tensor_type.elem_type == TensorProto.FLOAT)
+        return (name in self.layout.tensors and name not in self.graph_inputs and name not in self.float32_stored
+                and info is not None and info.type.tensor_type.elem_type == TensorProto.FLOAT)
 
     def _value_info(self, name: str, typed: bool = True) -> onnx.ValueInfoProto:
         """The tensor's inferred type with its shape dropped (batch and sizes vary); for a frontier
@@ -195,57 +204,28 @@ def _untyped_info(name: str, dtype) -> onnx.ValueInfoProto:
 
 
 def last_uses(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor name -> index of the last node that reads it (graph outputs: past the end)."""
+    """Tensor name -> index of the last node that reads it, subgraphs' reads included (graph
+    outputs: past the end)."""
     last = {}
     for index, node in enumerate(model.graph.node):
-        for name in node.input:
+        for name in node_reads(node):
             last[name] = index
     for output in model.graph.output:
         last[output.name] = len(model.graph.node)
     return last
 
 
-class SegmentRunner:
-    """A segment's session, run one batch at a time.
+def segment_session(segment: Segment):
+    """A segment's onnxruntime session. No spinning: between runs the main thread copies and samples
+    the outputs, and spinning workers would take the cores from it."""
+    return make_session(segment.model, qdq_fusion=False, spinning=False)
 
-    A model with a fixed batch gets batches of several of them (calibration.batch_feeds with
-    join_fixed): the segments' inputs have no shapes, so most segments run them at once, but one
-    with the batch written into a constant (a Reshape to [1, -1]) must not. The first run of a
-    segment's float form decides: the joined batch runs, and its first fixed batch alone gives the
-    same outputs; otherwise the segment runs one fixed batch at a time, in both forms.
-    """
 
-    def __init__(self, fixed_batch: int | None):
-        self.fixed_batch = fixed_batch
-        self.joined: dict[int, bool] = {}  # segment start -> whether it runs joined batches
-
-    def session(self, segment: Segment):
-        # no spinning: between runs the main thread copies and samples the outputs, and spinning
-        # workers would take the cores from it
-        return make_session(segment.model, qdq_fusion=False, spinning=False)
-
-    def run(self, session, segment: Segment, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        rows = len(next(iter(feed.values())))
-        if self.fixed_batch is None or rows <= self.fixed_batch:
-            return session.run(segment.fetches, feed)
-        if segment.start not in self.joined:
-            self.joined[segment.start] = self._runs_joined(session, segment.fetches, feed)
-        if self.joined[segment.start]:
-            return session.run(segment.fetches, feed)
-        return self._one_by_one(session, segment.fetches, feed)
-
-    def _runs_joined(self, session, fetches: list[str], feed: dict[str, np.ndarray]) -> bool:
-        try:
-            joined = session.run(fetches, feed)
-        except RUN_ERRORS:  # a shape error: the batch is written into a constant
-            return False
-        alone = session.run(fetches, {name: value[:self.fixed_batch] for name, value in feed.items()})
-        return all(j.shape[:1] == (len(next(iter(feed.values()))),) and np.allclose(
-            j[:self.fixed_batch], a, rtol=1e-3, atol=1e-3 * float(np.abs(a).max(initial=0))) for j, a in zip(joined, alone))
-
-    def _one_by_one(self, session, fetches: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The batch run one fixed batch at a time, the outputs joined."""
-        rows, step = len(next(iter(feed.values()))), self.fixed_batch
-        pieces = [session.run(fetches, {name: value[i:i + step] for name, value in feed.items()})
-                  for i in range(0, rows, step)]
-        return [np.concatenate(parts) for parts in zip(*pieces)]
+def run_segment(session, segment: Segment, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The segment's fetches on one batch; a run onnxruntime refuses names the nodes."""
+    try:
+        return session.run(segment.fetches, feed)
+    except RUN_ERRORS as exc:
+        named = [node.name for node in segment.model.graph.node if node.name]
+        where = f"the nodes from '{named[0]}'" if named else "the model"
+        raise ModelError(f"onnxruntime cannot run {where} on the calibration data: {first_line(exc)}") from None

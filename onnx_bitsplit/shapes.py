@@ -1,7 +1,7 @@
 """A model's inputs and their shapes: read from the model in one place, parsed from text in one place.
 
 A shape is a list with None for a dynamic dimension (a dim_param, or a dim_value of 0 or -1 as some
-exporters write). The batch is axis 0; a model whose inputs fix it has a fixed batch.
+exporters write). The batch is axis 0 where every input has one (batching()).
 """
 
 from __future__ import annotations
@@ -20,10 +20,20 @@ def input_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
             for i in model.graph.input if i.name not in initializers}
 
 
-def fixed_batch(shapes: dict[str, Shape]) -> int | None:
-    """The smallest batch the inputs fix, or None when every batch axis is dynamic."""
-    fixed = [shape[0] for shape in shapes.values() if shape and shape[0]]
-    return min(fixed) if fixed else None
+DYNAMIC_BATCH, AS_GIVEN = "dynamic", "as given"  # batching(): besides a fixed batch size
+
+
+def batching(shapes: dict[str, Shape]) -> str | int:
+    """How samples group into runs (calibration.batch_feeds): DYNAMIC_BATCH when every input has a
+    dynamic axis 0 (the batch: samples join along it); the batch size when every input fixes the
+    same axis 0; AS_GIVEN otherwise (a 0-D input, a state with the batch on axis 1, inputs of
+    different fixed sizes): a run is a feed as the user made it."""
+    firsts = {shape[0] if shape else "scalar" for shape in shapes.values()}
+    if firsts == {None}:
+        return DYNAMIC_BATCH
+    if len(firsts) == 1 and isinstance(next(iter(firsts)), int):
+        return next(iter(firsts))
+    return AS_GIVEN
 
 
 def dynamic_inputs(model: onnx.ModelProto) -> list[str]:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from graphs import calibration_feeds, conv_model, damaged, gemm_model
-from onnx_bitsplit.check import compare, compare_output
+from onnx_bitsplit.check import CheckReport, compare, compare_output
 from onnx_bitsplit.cli import check_command, main
 
 
@@ -37,12 +37,40 @@ def test_damaged_model_is_caught():
 def test_output_figures_golden():
     y = np.array([[1.0, 0.0], [0.0, 2.0]])
     y_q = np.array([[1.0, 0.0], [1.0, 0.0]])
-    output = compare_output("y", y, y_q, labels=np.array([0, 0]))
+    output = compare_output("y", [y], [y_q], labels=np.array([0, 0]))
     assert output.agreement == 0.5
     assert (output.top1_float, output.top1_quant) == (0.5, 1.0)
     assert output.cosine == pytest.approx(1 / np.sqrt(5 * 2))  # <y, y_q> = 1, |y| = √5, |y_q| = √2
     assert output.sqnr_db == pytest.approx(10 * np.log10(5 / 5))
     assert output.max_abs_error == 2.0
+
+
+def test_outputs_of_different_sizes_are_compared_sample_by_sample():
+    """A recognizer's sequence or a detector's map varies with the input's size."""
+    y = [np.ones((1, 3, 2)), np.arange(10.0).reshape(1, 5, 2)]
+    output = compare_output("y", y, [part.copy() for part in y], labels=None)
+    assert output.cosine == pytest.approx(1.0) and output.agreement == 1.0
+
+
+def test_agreement_is_for_class_scores_only_and_its_gate_says_so():
+    maps = [np.random.default_rng(0).normal(size=(1, 4, 8, 8))]
+    output = compare_output("map", maps, maps, labels=None)
+    assert output.agreement is None
+    report = CheckReport(1, outputs=[output])
+    assert report.failures(min_agree=0.9) == [
+        "--min-agree: no output is shaped as class scores, argmax agreement does not apply "
+        "(gate on --min-cosine or --min-sqnr)"]
+    assert report.failures(min_cosine=0.99) == []
+    assert "      -" in report.table().splitlines()[-1]
+
+
+def test_a_quantized_output_that_collapsed_to_a_constant_fails_the_check():
+    """A wake-word score of 1e-5 on a [0, 1] grid of 8 bits: all zeros, and a cosine of 0 that no
+    gate may be needed to notice."""
+    scores = [np.full((1, 1), 1e-5 * (i + 1)) for i in range(4)]
+    output = compare_output("score", scores, [np.zeros((1, 1))] * 4, labels=None)
+    assert CheckReport(4, outputs=[output]).failures() == [
+        "output 'score': the quantized model's is constant, the float model's is not"]
 
 
 def strict(text: str):
@@ -60,7 +88,7 @@ def test_json_is_versioned_strict_and_says_whether_it_passed(models_and_data, ca
     figures = strict(capsys.readouterr().out)
     assert exit_info.value.code == 0
     assert figures["schema"] == 1 and figures["tool"]["name"] == "onnx-bitsplit"
-    assert figures["thresholds"] == {"min_agree": 0.9, "min_sqnr": 20.0}
+    assert figures["thresholds"] == {"min_agree": 0.9, "min_cosine": None, "min_sqnr": 20.0}
     assert figures["passed"] is True and figures["failures"] == [] and figures["outputs"][0]["sqnr_db"] is None
     assert figures["files"] == {"float": str(d / "float.onnx"), "quantized": str(d / "float.onnx"),
                                 "data": str(d / "data.npy")}

@@ -256,3 +256,35 @@ def test_a_loop_with_an_endless_constant_trip_count_is_refused(folder, run, snap
     before = snapshot(folder)
     assert_refused(run(folder / "loop.onnx", folder / "q.onnx", "--calib", folder / "calib.npy"),
                    "Loop 'forever' runs 1000000000000 iterations", folder, before)
+
+
+def gelu_model(form: str) -> onnx.ModelProto:
+    """x [N,8] -> MatMul -> GELU with Erf, as torch writes it ("torch": (x * (1 + erf(x / √2))) * 0.5)
+    or as a hand-written gelu ("bert": (x * 0.5) * (1 + erf(x * (1/√2)))) -> MatMul -> y."""
+    rng = np.random.default_rng(0)
+    half = [helper.make_node("Mul", ["h", "half"], ["h_half"])] if form == "bert" else []
+    scaled = (helper.make_node("Mul", ["inv_sqrt2", "h"], ["d"]) if form == "bert"
+              else helper.make_node("Div", ["h", "sqrt2"], ["d"]))
+    product = (helper.make_node("Mul", ["h_half", "a"], ["g"]) if form == "bert"
+               else helper.make_node("Mul", ["h", "a"], ["m"]))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"), *half, scaled,
+             helper.make_node("Erf", ["d"], ["e"]), helper.make_node("Add", ["e", "one"], ["a"]), product,
+             *([] if form == "bert" else [helper.make_node("Mul", ["m", "half"], ["g"])]),
+             helper.make_node("MatMul", ["g", "w2"], ["y"], name="second")]
+    values = {"w1": rng.normal(0, 0.5, (8, 16)), "w2": rng.normal(0, 0.3, (16, 4)), "half": 0.5, "one": 1.0,
+              "sqrt2": 2 ** 0.5, "inv_sqrt2": 2 ** -0.5}
+    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in values.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("form", ["torch", "bert"])
+def test_an_erf_gelu_becomes_one_gelu_node(form):
+    """One node unit QNN runs (it has no Erf), the same values."""
+    model = gelu_model(form)
+    prepared = prepare(model)
+    ops = [node.op_type for node in prepared.graph.node]
+    assert ops.count("Gelu") == 1 and "Erf" not in ops
+    feeds = calibration_feeds(model, count=4)
+    assert model_sqnr_db(model, prepared, feeds) > 100

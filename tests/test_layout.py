@@ -113,3 +113,17 @@ def test_layout_of_a_block():
     assert removed == {"relu6_expand", "relu6_depthwise"}
     assert all(t.upper_bound == 6.0 for t in layout.tensors.values() if t.removed_node)
     assert [t.signed for t in layout.tensors.values()] == [True, False, False, True, True]
+
+
+def test_an_embedding_gather_shares_its_tables_quantizer_so_the_table_stays_integer(tmp_path):
+    """Otherwise onnxruntime cannot drop the DequantizeLinear -> Gather -> QuantizeLinear pair and
+    dequantizes the whole table on every run."""
+    import kinds
+
+    model = kinds.embedding_model()
+    quantized, _ = quantize(model, kinds.feeds(model, 8), QuantConfig(wbits=8))
+    producers, readers = links(quantized)
+    (gather,) = [node for node in quantized.graph.node if node.op_type == "Gather"]
+    (output_quantizer,) = readers[gather.output[0]]
+    assert quantizer_params(quantized, producers[gather.input[0]]) == quantizer_params(quantized, output_quantizer)
+    assert optimized_ops(quantized, tmp_path)["DequantizeLinear"] == 1  # the gathered rows' only

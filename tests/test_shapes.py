@@ -7,8 +7,8 @@ from onnx import TensorProto, helper
 
 from graphs import conv1d_conv3d_model, conv_model, dynamic_size_model
 from onnx_bitsplit.errors import BitsplitError, ModelError
-from onnx_bitsplit.shapes import (fixed_batch, input_shapes, named_shapes, parse_dims, parse_input_shape, parse_size,
-                                  set_input_shapes)
+from onnx_bitsplit.shapes import (AS_GIVEN, DYNAMIC_BATCH, batching, input_shapes, named_shapes, parse_dims,
+                                  parse_input_shape, parse_size, set_input_shapes)
 
 
 def test_parse_dims_golden():
@@ -49,14 +49,17 @@ def test_named_shapes_golden():
         named_shapes([("", (1, 8))], ["x", "z"])
 
 
-def test_input_shapes_and_fixed_batch():
+def test_input_shapes_and_batching():
     model = conv1d_conv3d_model()
     model.graph.input[1].type.tensor_type.shape.dim[0].dim_value = -1  # as some exporters write a dynamic dim
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(3, np.float32), "default"))
     model.graph.input.append(helper.make_tensor_value_info("default", TensorProto.FLOAT, [3]))  # not a real input
     assert input_shapes(model) == {"x": [None, 4, 16], "z": [None, 2, 4, 6, 6]}
-    assert fixed_batch(input_shapes(model)) is None
-    assert fixed_batch({"a": [4, 3], "b": [2, 3], "c": [None, 3], "d": []}) == 2
+    assert batching(input_shapes(model)) == DYNAMIC_BATCH
+    assert batching({"a": [4, 3], "b": [4, 3, 2]}) == 4
+    assert batching({"a": [4, 3], "b": [2, 3]}) == AS_GIVEN  # no one batch size
+    assert batching({"audio": [None, 64], "state": [2, None, 16]}) == AS_GIVEN  # a state's batch on axis 1
+    assert batching({"audio": [1, 64], "rate": []}) == AS_GIVEN  # a 0-D input
 
 
 def test_set_input_shapes_fixes_the_named_inputs_and_forgets_stale_output_shapes():

@@ -39,9 +39,13 @@ def choose_quantizer(decision: TensorQuant, samples: list[np.ndarray], bits: int
     """The per-tensor quantizer of a tensor, by the MSE criterion on samples of its values
     (sample_values, taken batch by batch as the streams run; their extremes included).
 
+    Args:
+        bits: the activation width asked for; the decision's min_bits may widen it.
+
     Returns:
         (the quantizer, its relative error ||x - Q(x)||² / ||x||² on the values it was chosen on).
     """
+    bits = max(bits, decision.min_bits)
     values = np.concatenate([sample.ravel() for sample in samples])
     masked = None
     if (decision.softmax_input or decision.mask_operand) and not np.isnan(values).any():

@@ -193,7 +193,8 @@ def merge_defaults(model: onnx.ModelProto, defaults: list[onnx.TensorProto]) -> 
 def refuse_unconvertible(model: onnx.ModelProto) -> None:
     """Refuse, from the model alone, one this tool cannot convert: already quantized (anywhere:
     subgraphs and model-local functions included), without any Conv, Gemm or MatMul, or with a
-    float constant that is not finite (it would make every scale and bias it reaches NaN).
+    NaN float constant or an infinite weight or bias (non_finite_constant: it would make every
+    scale and bias it reaches NaN).
 
     Raises:
         ModelError: saying which.
@@ -217,10 +218,17 @@ def refuse_unconvertible(model: onnx.ModelProto) -> None:
 
 
 def non_finite_constant(model: onnx.ModelProto) -> str | None:
-    """The name of a float constant of the model (modelio.model_tensors) with a NaN or an
-    infinite value, or None."""
-    return next((name for tensor, name in model_tensors(model) if tensor.data_type in FLOAT_TYPES
-                 and not np.isfinite(onnx.numpy_helper.to_array(tensor)).all()), None)
+    """The name of a float constant of the model (modelio.model_tensors) with a NaN, or with an
+    infinite value that a layer reads (a weight or bias), or None. Other infinities are kept: -inf
+    is the identity of a Max (jax's reductions start from it), the value of a mask."""
+    layer_inputs = {name for node in _nodes(model) if node.op_type in LAYER_OPS | FLOAT_LAYER_OPS
+                    for name in node.input}
+    for tensor, name in model_tensors(model):
+        if tensor.data_type in FLOAT_TYPES:
+            values = onnx.numpy_helper.to_array(tensor)
+            if np.isnan(values).any() or (name in layer_inputs and not np.isfinite(values).all()):
+                return name
+    return None
 
 
 def _op_types(model: onnx.ModelProto):

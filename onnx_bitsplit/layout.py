@@ -25,6 +25,10 @@ Rules, as onnxruntime's own QDQ quantizer applies them:
   quantizer is chosen on the other values and its bottom set far enough below them that the
   masked positions, saturated there, still weigh nothing; the mask added into it keeps its
   "minus infinity" as a value low enough for the sum to saturate (act_scale.choose_quantizer);
+- a layer normalization's input (a transformer's residual stream) and the terms of the Add making
+  it get 16 bits: a few outlier channels take an 8-bit range and leave the others a step or two,
+  and the normalization divides that error back up (CPU runtimes run that Add, and the layer
+  writing a 16-bit term, in float; QNN in 16 bits);
 - constant data inputs of units (an Add's or Mul's operand) become per-tensor integer constants.
 """
 
@@ -58,6 +62,7 @@ SAME_SCALE_OPS = {
     "Tile",
 }
 REMOVABLE_OPS = {"Relu", "Clip"}
+NORMALIZED_BITS = 16  # least width of a layer normalization's input (TensorQuant.min_bits)
 OUTPUT_RANGES = {"Sigmoid": (0.0, 1.0), "HardSigmoid": (0.0, 1.0), "Softmax": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
 
 
@@ -80,6 +85,9 @@ class TensorQuant:
             infinity" (finfo.min, -1e4, -inf): the quantizer keeps those values below every other.
         mask_operand: it is added into a softmax input (the mask itself): its "minus infinity"
             becomes a value low enough for the sum to saturate at that input's bottom.
+        min_bits: the quantizer's least width whatever the activation bits asked for: 16 for a
+            layer normalization's input, a transformer's residual stream, where a few outlier
+            channels take the whole of an 8-bit range and leave the others a step or two.
     """
 
     name: str
@@ -91,6 +99,7 @@ class TensorQuant:
     full_range: bool = False
     softmax_input: bool = False
     mask_operand: bool = False
+    min_bits: int = 0
 
 
 @dataclass
@@ -146,6 +155,7 @@ def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec]) -> Layout:
     quantized -= removed.keys()  # inside a fused unit: never materialised by an integer runtime
 
     non_negative = non_negative_tensors(model)
+    normalized = _normalized(graph, producers)
     decided: dict[str, TensorQuant] = {}
     for name in sorted(quantized, key=lambda n: producers.get(n, -1)):
         if name not in producers:  # read but produced nowhere: a malformed graph onnxruntime refuses
@@ -162,6 +172,9 @@ def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec]) -> Layout:
                 decided[name] = replace(decided[name], full_range=True, fixed_range=None)
             elif readers.get(name) and all(reader.op_type == "Softmax" for reader in readers[name]):
                 decided[name] = replace(decided[name], softmax_input=True)
+        root = _root(name, decided)  # the quantizer it shares, if it shares one
+        if name in normalized and root in decided:
+            decided[root] = replace(decided[root], min_bits=NORMALIZED_BITS)
     for name in [name for name, decision in decided.items() if decision.softmax_input]:
         node = graph.node[producers[name]] if producers[name] >= 0 else None
         for operand in node.input if node is not None and node.op_type == "Add" else ():
@@ -196,6 +209,23 @@ def _removable(node: onnx.NodeProto, producers, readers, outputs, initializers) 
     bounds = _clip_bounds(node, initializers)
     return (bounds is not None and bounds[0] == 0.0 and producers.get(source, -1) >= 0
             and len(readers.get(source, [])) == 1 and source not in outputs)
+
+
+def _normalized(graph: onnx.GraphProto, producers: dict[str, int]) -> set[str]:
+    """The tensors a layer normalization reads (LayerNormalization's input, or x of x - ReduceMean(x)
+    as exporters write it without that operator), and the terms of the Add making one: the
+    residual stream and the branch added into it, which carries the outlier channels first."""
+    names = {node.input[0] for node in graph.node if node.op_type == "LayerNormalization"}
+    for node in graph.node:
+        if node.op_type == "Sub" and producers.get(node.input[1], -1) >= 0:
+            mean = graph.node[producers[node.input[1]]]
+            if mean.op_type == "ReduceMean" and mean.input[0] == node.input[0]:
+                names.add(node.input[0])
+    for name in list(names):
+        producer = graph.node[producers[name]] if producers.get(name, -1) >= 0 else None
+        if producer is not None and producer.op_type == "Add":
+            names.update(producer.input)
+    return names
 
 
 def _root(name: str, decided: dict[str, TensorQuant]) -> str:

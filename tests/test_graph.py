@@ -206,7 +206,7 @@ def test_constant_on_the_left_of_matmul():
 
 @pytest.mark.parametrize("where", ["used", "unused", "constant node"])
 def test_a_non_finite_constant_is_refused_by_name(folder, where, run, snapshot, assert_refused):
-    """A NaN or infinite constant is refused whether or not its layer would be quantized."""
+    """A NaN constant is refused wherever it is, an infinite one where a layer reads it."""
     model = conv_model()
     if where == "used":
         bias = next(t for t in model.graph.initializer if t.name == "b1")
@@ -288,3 +288,15 @@ def test_an_erf_gelu_becomes_one_gelu_node(form):
     assert ops.count("Gelu") == 1 and "Erf" not in ops
     feeds = calibration_feeds(model, count=4)
     assert model_sqnr_db(model, prepared, feeds) > 100
+
+
+def test_minus_infinity_as_a_maxs_start_is_kept():
+    """jax2tf writes a reduction's start value, -inf, as a constant: Max(-inf, x) = x."""
+    model = conv_model()
+    model.graph.initializer.append(numpy_helper.from_array(np.array(-np.inf, np.float32), "start"))
+    last = model.graph.node[-1]
+    last.output[0] = "c3"
+    model.graph.node.append(helper.make_node("Max", ["start", "c3"], ["y"]))
+    feeds = calibration_feeds(model, count=8)
+    quantized, _ = quantize(model, feeds, QuantConfig(wbits=8))
+    assert model_sqnr_db(model, quantized, feeds) > 20

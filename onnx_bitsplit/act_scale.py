@@ -1,5 +1,6 @@
-"""Per-tensor activation quantizers: the MSE-optimal alternating iteration, and the choice of a
-tensor's quantizer from samples of its values (numpy only).
+"""Per-tensor activation quantizers: the MSE-optimal range, searched on a sample of a tensor's
+values with each candidate's error summed exactly from sorted prefix sums, and the choice of a
+tensor's quantizer from those samples (numpy only).
 
 Every quantizer is unsigned (qdq_format): non-negative tensors get zero point 0 and an MSE-optimal
 scale, signed ones an MSE-optimal range with a zero point, graph outputs their whole calibration
@@ -13,15 +14,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import ModelError
-from .qdq_format import ActivationQuant, fake_quant, quant_range, round_to_grid
+from .qdq_format import ActivationQuant, fake_quant, quant_range
 
 if TYPE_CHECKING:
     from .layout import TensorQuant
 
-MAX_SAMPLES = 1 << 18  # values a scale is searched on (sample_values)
-GRID_POINTS = 21  # starting scales tried by mse_scale ...
-GRID_SAMPLES = 1 << 16  # ... each on this many of the values
-AFFINE_GRID_POINTS = 9  # shrinks of each end of [min, max] tried by mse_affine
+MAX_SAMPLES = 1 << 16  # values a scale is searched on (sample_values)
+SEARCH_OCTAVES = 5.0  # clipping levels tried: from the largest value down to 1/32 of it
+SEARCH_POINTS = 41  # ... on a geometric grid (mse_scale), each end on its own for mse_affine:
+AFFINE_POINTS = 21
+REFINE_POINTS = 9  # then grids this fine around the best, each spanning the previous step twice
+REFINEMENTS = 2
+EXACT_LEVELS = 1 << 12  # wider quantizers have their rounding noise counted, not summed (_SortedValues)
 MIN_RANGE = 1e-4  # the narrowest float range of an activation quantizer: QNN refuses narrower ones
 # A value this far below a tensor's maximum, on the way into a Softmax, is an attention mask's
 # "minus infinity" (finfo.min, -1e4, -inf): exp() of it is 0 whatever the row. The Softmax input's
@@ -103,41 +107,53 @@ def sample_values(batches: list[np.ndarray], limit: int = MAX_SAMPLES,
     return np.concatenate(parts)
 
 
-def mse_scale(values: np.ndarray, bits: int, signed: bool, iterations: int = 30) -> float:
-    """The scale s minimising ||x - s·clip(round(x/s))||² over the tensor's values.
-
-    The alternating iteration q = clip(round(x/s)), s = <x,q>/<q,q> lowers the error at every
-    step but stops in the first local minimum below its start; so it starts from the best of a
-    geometric grid of clipping levels between max|x| and max|x|/32 rather than from max|x| alone.
-    """
-    x = np.asarray(values, dtype=np.float64).ravel()
+def mse_scale(values: np.ndarray, bits: int, signed: bool) -> float:
+    """The scale s minimising ||x - s·clip(round(x/s))||² over the tensor's values: the best of a
+    geometric grid of clipping levels between max|x| and max|x|/32, then of finer grids around the
+    best (the error is jagged in s: a local search from one start stops in the first dip)."""
+    x = _SortedValues(values)
     low, high = quant_range(bits, signed)
-    peak = np.abs(x).max() if signed else max(x.max(), 0.0)
+    peak = max(-x.lowest, x.highest) if signed else max(x.highest, 0.0)
     if peak == 0:
         return 1.0
-    grid = peak / high * 2.0 ** -np.linspace(0.0, 5.0, GRID_POINTS)
-    coarse = x[:: max(1, x.size // GRID_SAMPLES)]
-    scale = min(grid, key=lambda s: _error(coarse, s, low, high))
-    return _refined_scale(x, scale, 0, low, high, iterations)
+    best, step = 1.0, SEARCH_OCTAVES / (SEARCH_POINTS - 1)
+    factors = 2.0 ** -np.linspace(0.0, SEARCH_OCTAVES, SEARCH_POINTS)
+    for _ in range(REFINEMENTS + 1):
+        errors = x.errors(peak * factors / high, np.zeros(factors.size), low, high)
+        best = factors[np.argmin(errors)]
+        factors = best * 2.0 ** np.linspace(-step, step, REFINE_POINTS)
+        step /= (REFINE_POINTS - 1) / 2
+    return float(peak * best / high)
 
 
-def mse_affine(values: np.ndarray, bits: int, iterations: int = 30) -> tuple[float, int]:
-    """(scale, zero_point) of the uint8 affine quantizer minimising the MSE over the values.
+def mse_affine(values: np.ndarray, bits: int) -> tuple[float, int]:
+    """(scale, zero_point) of the unsigned affine quantizer minimising the MSE over the values.
 
     The clipping range [lo, hi] (containing 0) is the best of a grid of shrinks of [min, max],
-    each end on its own; then the scale is refined by the alternating iteration at that zero point.
+    each end on its own (lo = min·a, hi = max·b), then of finer grids around the best pair.
     """
-    x = np.asarray(values, dtype=np.float64).ravel()
+    x = _SortedValues(values)
     low, high = quant_range(bits, signed=False)
-    bottom, top = min(x.min(), 0.0), max(x.max(), 0.0)
+    bottom, top = min(x.lowest, 0.0), max(x.highest, 0.0)
     if top == bottom:
         return 1.0, 0
-    coarse = x[:: max(1, x.size // GRID_SAMPLES)]
-    shrinks = 2.0 ** -np.linspace(0.0, 4.0, AFFINE_GRID_POINTS)
-    candidates = [((top * b - bottom * a) / high, int(np.clip(np.rint(-bottom * a / ((top * b - bottom * a) / high)), low, high)))
-                  for a in shrinks for b in shrinks]
-    scale, zero_point = min(candidates, key=lambda c: _error(coarse, c[0], low, high, c[1]))
-    return _refined_scale(x, scale, zero_point, low, high, iterations), zero_point
+    shrinks = 2.0 ** -np.linspace(0.0, SEARCH_OCTAVES, AFFINE_POINTS)
+    step = SEARCH_OCTAVES / (AFFINE_POINTS - 1)
+    a, b = [np.ones(1) if end == 0 else shrinks for end in (bottom, top)]  # a zero end has nothing to shrink
+    for _ in range(REFINEMENTS + 1):
+        a, b = (grid.ravel() for grid in np.meshgrid(a, b))
+        scales, zero_points = _affine(bottom * a, top * b, low, high)
+        best = np.argmin(x.errors(scales, zero_points, low, high))
+        a, b = [np.ones(1) if end == 0 else factor[best] * 2.0 ** np.linspace(-step, step, REFINE_POINTS)
+                for end, factor in ((bottom, a), (top, b))]
+        step /= (REFINE_POINTS - 1) / 2
+    return float(scales[best]), int(zero_points[best])
+
+
+def _affine(lowest: np.ndarray, highest: np.ndarray, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scales, zero points) of the unsigned quantizers spanning [lowest, highest] (lowest <= 0)."""
+    scales = (highest - lowest) / (high - low)
+    return scales, np.clip(np.rint(-lowest / scales), low, high)
 
 
 def minmax_affine(values: np.ndarray, bits: int) -> tuple[float, int]:
@@ -150,19 +166,39 @@ def minmax_affine(values: np.ndarray, bits: int) -> tuple[float, int]:
     return scale, int(np.clip(round(-bottom / scale), low, high))
 
 
-def _refined_scale(x: np.ndarray, scale: float, zero_point: int, low: int, high: int, iterations: int) -> float:
-    """The alternating iteration q = clip(round(x/s) + z) - z, s = <x,q>/<q,q> from `scale`: each
-    step lowers the error, until the scale moves by less than 1e-7 of itself."""
-    for _ in range(iterations):
-        q = round_to_grid(x, scale, zero_point, low, high) - zero_point
-        qq = q @ q
-        new_scale = (x @ q) / qq if qq > 0 else scale
-        if abs(new_scale - scale) <= 1e-7 * scale:
-            break
-        scale = new_scale
-    return float(scale)
+class _SortedValues:
+    """A tensor's values sorted, with prefix sums of x and x²: the squared error of many quantizers
+    over all of them at once, each in O(levels · log n).
 
+    A quantizer maps each cell of values between two rounding boundaries to one level v, and a
+    cell's error Σ(x - v)² = Σx² - 2vΣx + v²·count comes from the prefix sums. With 16 bits the
+    cells are so fine that float64 cannot take those differences: the values inside the range are
+    then counted as uniform rounding noise, scale²/12 each (exact to a part in 1e4 at that width),
+    and only the clipped ends are summed exactly.
+    """
 
-def _error(x: np.ndarray, scale: float, low: int, high: int, zero_point: int = 0) -> float:
-    residual = x - (round_to_grid(x, scale, zero_point, low, high) - zero_point) * scale
-    return float(residual @ residual)
+    def __init__(self, values: np.ndarray):
+        self.x = np.sort(np.asarray(values, np.float64).ravel())
+        self.lowest, self.highest = float(self.x[0]), float(self.x[-1])
+        self.sum1 = np.concatenate([[0.0], np.cumsum(self.x)])
+        self.sum2 = np.concatenate([[0.0], np.cumsum(self.x * self.x)])
+
+    def errors(self, scales: np.ndarray, zero_points: np.ndarray, low: int, high: int) -> np.ndarray:
+        """||x - Q(x)||² for each quantizer (scales[i], zero_points[i]) of codes low..high."""
+        scales, zero_points = scales[:, None], zero_points[:, None]
+        first, last = np.zeros((scales.size, 1), np.int64), np.full((scales.size, 1), self.x.size)
+        if high - low > EXACT_LEVELS:
+            ends = (np.array([low, high]) - zero_points) * scales  # the lowest and highest levels
+            cuts = np.searchsorted(self.x, ends)
+            clipped = self._error(first, cuts[:, :1], ends[:, :1]) + self._error(cuts[:, 1:], last, ends[:, 1:])
+            return clipped[:, 0] + (cuts[:, 1] - cuts[:, 0]) * scales[:, 0] ** 2 / 12
+        codes = np.arange(low, high + 1)
+        cuts = np.searchsorted(self.x, (codes[:-1] + 0.5 - zero_points) * scales)  # the rounding boundaries
+        starts, stops = np.concatenate([first, cuts], axis=1), np.concatenate([cuts, last], axis=1)
+        return self._error(starts, stops, (codes - zero_points) * scales).sum(axis=1)
+
+    def _error(self, starts: np.ndarray, stops: np.ndarray, levels: np.ndarray) -> np.ndarray:
+        """Σ(x - level)² over the values of each cell [start, stop) (rounding leaves it >= 0)."""
+        count = stops - starts
+        sum1, sum2 = self.sum1[stops] - self.sum1[starts], self.sum2[stops] - self.sum2[starts]
+        return np.maximum(sum2 - 2 * levels * sum1 + levels * levels * count, 0.0)

@@ -148,7 +148,13 @@ def prepare(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | N
     if max_bytes is not None:
         check_tensor_sizes(model, max_bytes)
     # onnxruntime's fusions list the opset versions they know: run them at the model's own opset
-    model, defaults = split_defaults(_to_opset(_optimize(model)))
+    try:
+        optimized = _optimize(model)
+    except ModelError as exc:
+        if input_shapes:  # onnxruntime's inference of subgraphs can fail at static shapes only
+            raise ModelError(f"at the shapes of --input-shape, {exc}") from None
+        raise
+    model, defaults = split_defaults(_to_opset(optimized))
     with gs.logger.G_LOGGER.suppress():  # its findings reach the user as our errors, or not at all
         graph = gs.import_onnx(model)
         names = Names.of_model(model)

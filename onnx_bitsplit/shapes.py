@@ -9,6 +9,7 @@ from __future__ import annotations
 import onnx
 
 from .errors import BitsplitError, ModelError
+from .modelio import bodies
 
 Shape = list  # of int, or None for a dynamic dimension
 
@@ -109,6 +110,8 @@ def set_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]])
         for dim, size in zip(inputs[name].type.tensor_type.shape.dim, shape):
             dim.Clear()
             dim.dim_value = size
-    for output in model.graph.output:  # stale symbolic dims would clash with the inferred ones
-        output.type.tensor_type.ClearField("shape")
-    del model.graph.value_info[:]
+    for body in bodies(model.graph):  # stale dims, subgraphs' too, would clash with the inferred ones
+        for output in body.output:
+            if output.type.HasField("tensor_type"):
+                output.type.tensor_type.ClearField("shape")
+        del body.value_info[:]

@@ -46,7 +46,8 @@ SIGN_PRESERVING_OPS = {
     "Transpose", "Identity", "Squeeze", "Unsqueeze", "Resize", "Upsample", "Slice", "Gather",
     "SpaceToDepth", "DepthToSpace",
 }
-FLOAT_LAYER_OPS = {"ConvTranspose", "LSTM", "GRU", "RNN", "Einsum"}  # weighted, reported as kept in float
+RECURRENT_OPS = {"LSTM", "GRU", "RNN"}
+FLOAT_LAYER_OPS = {"ConvTranspose", "Einsum", *RECURRENT_OPS}  # weighted, reported as kept in float
 LAYER_OPS = {"Conv", "Gemm", "MatMul"}
 # operators whose output size is set by inputs (at these positions) that are often computed from constants
 SIZE_PARAMETERS = {"Range": (0, 1, 2), "ConstantOfShape": (0,), "Expand": (1,), "Tile": (1,)}
@@ -497,9 +498,10 @@ def _fold_gemm_factors(graph: gs.Graph, names: Names) -> None:
         alpha, beta = node.attrs.pop("alpha", 1.0), node.attrs.pop("beta", 1.0)
         weight = node.inputs[1]
         node.inputs[1] = gs.Constant(names.new(node.name, "weight_alpha"), (weight.values * alpha).astype(weight.dtype))
-        if len(node.inputs) > 2:
+        if len(node.inputs) > 2:  # a row [1, N] as a vector: a per-channel DequantizeLinear needs its axis
             bias = node.inputs[2]
-            node.inputs[2] = gs.Constant(names.new(node.name, "bias_beta"), (bias.values * beta).astype(bias.dtype))
+            values = bias.values.reshape(-1) if bias.values.ndim == 2 and bias.values.shape[0] == 1 else bias.values
+            node.inputs[2] = gs.Constant(names.new(node.name, "bias_beta"), (values * beta).astype(bias.dtype))
     graph.cleanup()
 
 

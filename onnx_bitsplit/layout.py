@@ -25,10 +25,11 @@ Rules, as onnxruntime's own QDQ quantizer applies them:
   quantizer is chosen on the other values and its bottom set far enough below them that the
   masked positions, saturated there, still weigh nothing; the mask added into it keeps its
   "minus infinity" as a value low enough for the sum to saturate (act_scale.choose_quantizer);
-- a layer normalization's input (a transformer's residual stream) and the terms of the Add making
-  it get 16 bits: a few outlier channels take an 8-bit range and leave the others a step or two,
-  and the normalization divides that error back up (CPU runtimes run that Add, and the layer
-  writing a 16-bit term, in float; QNN in 16 bits);
+- a layer normalization's input (a transformer's residual stream) gets 16 bits, unless a layer
+  reads it (its integer kernel takes 8): a few outlier channels take an 8-bit range and leave the
+  others a step or two, and the normalization divides that error back up (CPU runtimes run the
+  Add making it in float, QNN in 16 bits). The terms of that Add stay 8-bit: QNN HTP takes no
+  layer writing 16 bits from 8;
 - constant data inputs of units (an Add's or Mul's operand) become per-tensor integer constants.
 """
 
@@ -172,8 +173,9 @@ def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec]) -> Layout:
                 decided[name] = replace(decided[name], full_range=True, fixed_range=None)
             elif readers.get(name) and all(reader.op_type == "Softmax" for reader in readers[name]):
                 decided[name] = replace(decided[name], softmax_input=True)
-        root = _root(name, decided)  # the quantizer it shares, if it shares one
-        if name in normalized and root in decided:
+    read_by_layers = {_root(name, decided) for name in layer_inputs.values()}  # stay 8-bit: integer kernels
+    for root in {_root(name, decided) for name in normalized if name in decided} - read_by_layers:
+        if root in decided:  # the quantizer it shares, if it shares one
             decided[root] = replace(decided[root], min_bits=NORMALIZED_BITS)
     for name in [name for name, decision in decided.items() if decision.softmax_input]:
         node = graph.node[producers[name]] if producers[name] >= 0 else None
@@ -212,19 +214,14 @@ def _removable(node: onnx.NodeProto, producers, readers, outputs, initializers) 
 
 
 def _normalized(graph: onnx.GraphProto, producers: dict[str, int]) -> set[str]:
-    """The tensors a layer normalization reads (LayerNormalization's input, or x of x - ReduceMean(x)
-    as exporters write it without that operator), and the terms of the Add making one: the
-    residual stream and the branch added into it, which carries the outlier channels first."""
+    """The tensors a layer normalization reads: LayerNormalization's input, or x of x - ReduceMean(x)
+    as exporters write it without that operator."""
     names = {node.input[0] for node in graph.node if node.op_type == "LayerNormalization"}
     for node in graph.node:
         if node.op_type == "Sub" and producers.get(node.input[1], -1) >= 0:
             mean = graph.node[producers[node.input[1]]]
             if mean.op_type == "ReduceMean" and mean.input[0] == node.input[0]:
                 names.add(node.input[0])
-    for name in list(names):
-        producer = graph.node[producers[name]] if producers.get(name, -1) >= 0 else None
-        if producer is not None and producer.op_type == "Add":
-            names.update(producer.input)
     return names
 
 

@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import BitsplitError, first_line
+from .graph import RECURRENT_OPS
 from .shapes import dynamic_inputs
 
 PROVIDERS = ("cpu", "qnn", "openvino")
@@ -188,7 +189,9 @@ def _qnn_runner(model: onnx.ModelProto) -> Runner:
         with _captured_stderr() as log:
             session = ort.InferenceSession(data, _qnn_options(devices, fallback=True, severity=0))
     except Exception:  # QNN fails even on the part it takes: its first refusal is the reason
-        raise BitsplitError(f"QNN HTP cannot load the model: {refusal}") from None
+        cells = sorted({node.op_type for node in model.graph.node if node.op_type in RECURRENT_OPS})
+        hint = f" (its {'/'.join(cells)} cells stay in float, which QNN HTP does not run)" if cells else ""
+        raise BitsplitError(f"QNN HTP cannot load the model{hint}: {refusal}") from None
     reasons = {op: reason.strip() for op, reason in QNN_REASON.findall(log.read())}
     log.close()
     dynamic = dynamic_inputs(model)

@@ -124,7 +124,7 @@ def test_a_model_whose_layers_are_all_inside_an_if_is_refused_saying_so():
 def test_an_outlier_channel_in_the_residual_stream_leaves_the_others_their_resolution():
     """BERT's residual stream carries a few channels two orders of magnitude above the rest: on
     one 8-bit grid they leave the others a step or two, and the layer norm divides that back up.
-    The layer norm's input and the terms of its Add keep 16 bits."""
+    The layer norm's input keeps 16 bits; what layers read stays 8 (their integer kernels)."""
     model = kinds.bert_model()
     bias = next(t for t in model.graph.initializer if t.name == "ffn2_b")
     values = numpy_helper.to_array(bias).copy()
@@ -134,8 +134,24 @@ def test_an_outlier_channel_in_the_residual_stream_leaves_the_others_their_resol
     widths = {node.input[0]: numpy_helper.to_array(next(t for t in quantized.graph.initializer
                                                          if t.name == node.input[2])).dtype
               for node in quantized.graph.node if node.op_type == "QuantizeLinear"}
-    assert {widths[name] for name in ("residual2", "norm1")} == {np.dtype(np.uint16)}
-    assert widths["gelu"] == np.uint8
+    assert widths["residual2"] == np.uint16
+    assert {widths[name] for name in ("norm1", "gelu")} == {np.dtype(np.uint8)}
     held_out = kinds.bert_feeds(16, seed=7)
     others = [np.delete(outputs(m, held_out), 3, axis=-1) for m in (model, quantized)]
-    assert cosine(*others) >= 0.9995  # 0.9986 with 8 bits there
+    assert cosine(*others) >= 0.9991  # 0.9986 with 8 bits there
+
+
+def test_the_command_takes_npz_feeds_with_a_scalar_and_checks_them(tmp_path, run):
+    """Silero's way: audio, a state with the batch on axis 1 and a 0-D sample rate, one .npz a
+    feed; `check` compares the probability per feed and finds no class scores to agree on."""
+    onnx.save(kinds.recurrent_model("LSTM"), tmp_path / "vad.onnx")
+    for folder, seed in (("calib", 1), ("data", 7)):
+        (tmp_path / folder).mkdir()
+        for index, feed in enumerate(kinds.recurrent_feeds(6, seed=seed)):
+            np.savez(tmp_path / folder / f"{index}.npz", **feed)
+    converted = run(tmp_path / "vad.onnx", tmp_path / "q.onnx", "--calib", tmp_path / "calib", "--wbits", "8", "-q")
+    assert converted.exit_code == 0, converted.output
+    checked = run("check", tmp_path / "vad.onnx", tmp_path / "q.onnx", "--data", tmp_path / "data",
+                  "--min-cosine", "0.99")
+    assert checked.exit_code == 0, checked.output
+    assert "6 samples" in checked.output

@@ -112,3 +112,42 @@ def test_native_output_during_runs_is_counted_not_passed_through(capfd):
     assert capfd.readouterr().err == ""
     assert placement.log_lines == 2002 and placement.log_sample == ["elementwise.h:12 dividing by 0", "other line"]
     assert len(placement.log_sample) <= LOG_SAMPLE
+
+
+def row_bias_gemm():
+    """gemm_model() with its first bias a row [1, 24], as jax2tf writes a Dense layer's."""
+    from graphs import gemm_model
+
+    model = gemm_model()
+    bias = next(t for t in model.graph.initializer if t.name == "b1")
+    bias.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(bias).reshape(1, -1), "b1"))
+    return model
+
+
+@needs_openvino
+@pytest.mark.parametrize("build", ["bert", "vit", "lstm", "if", "embedding", "row bias"])
+def test_openvino_loads_every_kind_of_model(build):
+    """Where OpenVINO's own checks are stricter than onnxruntime's (a per-channel bias of shape
+    [1, N] against its axis), the file must still load there."""
+    import kinds
+
+    model, feeds = {"bert": (kinds.bert_model(), kinds.bert_feeds(8)), "vit": (kinds.vit_model(), kinds.image_feeds(8)),
+                    "lstm": (kinds.recurrent_model(), kinds.recurrent_feeds(8)),
+                    "if": (kinds.if_model(), None), "embedding": (kinds.embedding_model(), None),
+                    "row bias": (row_bias_gemm(), None)}[build]
+    feeds = feeds or calibration_feeds(model, 8) if build == "row bias" else feeds or kinds.feeds(model, 8)
+    quantized, _ = quantize(model, feeds, QuantConfig(wbits=8))
+    runner = open_runner(quantized, "openvino")
+    runner.run(feeds[0])
+    assert runner.placement.whole, runner.placement.fallbacks
+
+
+@needs_qnn
+def test_qnn_htp_runs_a_vit_block_whole():
+    """LayerNormalization (16-bit input), Gelu, Softmax and the attention MatMuls as node units."""
+    import kinds
+
+    quantized, _ = quantize(kinds.vit_model(), kinds.image_feeds(8), QuantConfig(wbits=8))
+    runner = open_runner(quantized, "qnn")
+    runner.run(kinds.image_feeds(1)[0])
+    assert runner.placement.whole, runner.placement.fallbacks

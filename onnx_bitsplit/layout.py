@@ -25,12 +25,13 @@ Rules, as onnxruntime's own QDQ quantizer applies them:
   quantizer is chosen on the other values and its bottom set far enough below them that the
   masked positions, saturated there, still weigh nothing; the mask added into it keeps its
   "minus infinity" as a value low enough for the sum to saturate (act_scale.choose_quantizer);
-- a layer normalization's input (a transformer's residual stream) gets 16 bits, unless a layer
-  reads it (its integer kernel takes 8): a few outlier channels take an 8-bit range and leave the
-  others a step or two, and the normalization divides that error back up (CPU runtimes run the
-  Add making it in float, QNN in 16 bits). The terms of that Add stay 8-bit: QNN HTP takes no
-  layer writing 16 bits from 8;
-- constant data inputs of units (an Add's or Mul's operand) become per-tensor integer constants.
+- a layer normalization's input (a transformer's residual stream) and the terms of the Add making
+  it get 16 bits, unless a layer reads them (its integer kernel takes 8): a few outlier channels
+  take an 8-bit range and leave the others a step or two, and the normalization divides that
+  error back up. CPU runtimes run that Add in float and the layer writing a 16-bit term as an
+  integer kernel; QNN HTP takes no layer writing 16 bits from 8 (there, --abits 16);
+- constant data inputs of units (an Add's or Mul's operand) become per-tensor integer constants,
+  finite ones: -inf, the start of a Max, stays float.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import onnx
 
 from .graph import LayerSpec, constant_initializers, non_negative_tensors
@@ -53,7 +55,7 @@ UNIT_OPS: dict[str, tuple[int, ...]] = {
     "DepthToSpace": (0,), "SpaceToDepth": (0,),
     "Relu": (0,), "Clip": (0,), "LeakyRelu": (0,), "Sigmoid": (0,), "HardSigmoid": (0,),
     "HardSwish": (0,), "Tanh": (0,), "Softmax": (0,), "Gelu": (0,), "Sub": (0, 1), "Div": (0, 1), "ReduceMean": (0,),
-    "Expand": (0,), "Tile": (0,), "GatherElements": (0,),
+    "Expand": (0,), "Tile": (0,), "GatherElements": (0,), "Max": (0, 1), "Min": (0, 1),
 }
 ALL_INPUTS = {"Concat", "Sum"}  # every input is data
 # Values stay on the input's grid: the output shares the input's quantizer.
@@ -146,8 +148,8 @@ def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec]) -> Layout:
     for node in units:
         for name in _data_inputs(node, layer_inputs):
             if name in initializers:
-                if initializers[name].data_type == onnx.TensorProto.FLOAT:
-                    values = onnx.numpy_helper.to_array(initializers[name])
+                values = onnx.numpy_helper.to_array(initializers[name])
+                if values.dtype == np.float32 and np.isfinite(values).all():  # -inf, a Max's start, stays float
                     constants[name] = TensorQuant(name, signed=bool((values < 0).any()))
             elif name in floats:
                 quantized.add(name)
@@ -214,14 +216,19 @@ def _removable(node: onnx.NodeProto, producers, readers, outputs, initializers) 
 
 
 def _normalized(graph: onnx.GraphProto, producers: dict[str, int]) -> set[str]:
-    """The tensors a layer normalization reads: LayerNormalization's input, or x of x - ReduceMean(x)
-    as exporters write it without that operator."""
+    """The tensors a layer normalization reads (LayerNormalization's input, or x of x - ReduceMean(x)
+    as exporters write it without that operator), and the terms of the Add making one: the
+    residual stream and the branch added into it, whose layer writes the outlier channels first."""
     names = {node.input[0] for node in graph.node if node.op_type == "LayerNormalization"}
     for node in graph.node:
         if node.op_type == "Sub" and producers.get(node.input[1], -1) >= 0:
             mean = graph.node[producers[node.input[1]]]
             if mean.op_type == "ReduceMean" and mean.input[0] == node.input[0]:
                 names.add(node.input[0])
+    for name in list(names):
+        producer = graph.node[producers[name]] if producers.get(name, -1) >= 0 else None
+        if producer is not None and producer.op_type == "Add":
+            names.update(producer.input)
     return names
 
 

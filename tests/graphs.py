@@ -284,6 +284,8 @@ BETWEEN = {
     "Pad": ({"pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)}, {"mode": "reflect"}),
     "Add": ({}, {}), "Mul": ({}, {}), "Concat": ({}, {"axis": 1}),
     "Mul by constant": ({"factor": np.linspace(-1.0, 2.0, 64, dtype=np.float32).reshape(1, 1, 8, 8)}, {}),
+    "Max": ({"floor": np.float32(-0.4)}, {}),  # tf2onnx's bounded LeakyRelu
+    "Min": ({"ceiling": np.float32(0.5)}, {}),
 }
 
 

@@ -124,7 +124,8 @@ def test_a_model_whose_layers_are_all_inside_an_if_is_refused_saying_so():
 def test_an_outlier_channel_in_the_residual_stream_leaves_the_others_their_resolution():
     """BERT's residual stream carries a few channels two orders of magnitude above the rest: on
     one 8-bit grid they leave the others a step or two, and the layer norm divides that back up.
-    The layer norm's input keeps 16 bits; what layers read stays 8 (their integer kernels)."""
+    The layer norm's input and the terms of its Add keep 16 bits; what layers read stays 8 (their
+    integer kernels take 8-bit inputs)."""
     model = kinds.bert_model()
     bias = next(t for t in model.graph.initializer if t.name == "ffn2_b")
     values = numpy_helper.to_array(bias).copy()
@@ -134,11 +135,11 @@ def test_an_outlier_channel_in_the_residual_stream_leaves_the_others_their_resol
     widths = {node.input[0]: numpy_helper.to_array(next(t for t in quantized.graph.initializer
                                                          if t.name == node.input[2])).dtype
               for node in quantized.graph.node if node.op_type == "QuantizeLinear"}
-    assert widths["residual2"] == np.uint16
+    assert {widths[name] for name in ("residual2", "ffn2")} == {np.dtype(np.uint16)}
     assert {widths[name] for name in ("norm1", "gelu")} == {np.dtype(np.uint8)}
     held_out = kinds.bert_feeds(16, seed=7)
     others = [np.delete(outputs(m, held_out), 3, axis=-1) for m in (model, quantized)]
-    assert cosine(*others) >= 0.9991  # 0.9986 with 8 bits there
+    assert cosine(*others) >= 0.9995  # 0.9986 with 8 bits there
 
 
 def test_the_command_takes_npz_feeds_with_a_scalar_and_checks_them(tmp_path, run):

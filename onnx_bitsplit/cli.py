@@ -28,13 +28,14 @@ from .api import quantize_file
 from .calibration import (ARRAY_SUFFIXES, CROP_FRACTION, DEFAULT_PRESET, DEFAULT_RESIZE, LAYOUTS, PRESETS, RESIZES,
                           ImageFolderReader, NpyReader)
 from .check import compare
-from .config import QuantConfig, tensor_limit
+from .config import TARGET_PROVIDERS, TARGETS, QuantConfig, tensor_limit
 from .qdq_format import ACTIVATION_BITS, WEIGHT_STORAGE
 from .options import IMAGE_SIZE, INPUT_SHAPE, Bits, ByteSize, ChannelValues, FiniteFloat, Fraction, LayerBits
 from .graph import check_tensor_sizes
 from .shapes import input_shapes, misfit, named_shapes, set_input_shapes
-from .errors import BitsplitError, CalibrationError, Terminated, first_line
+from .errors import BitsplitError, CalibrationError, OptionsError, Terminated, first_line
 from .modelio import file_sha256, load_model, model_files
+from .qdq import stamped
 from .providers import PROVIDERS
 from .progress import progress_for
 from .report import error_json, printable
@@ -74,7 +75,7 @@ def _one_line_errors(verbose: bool = False):
         if verbose:
             traceback.print_exc()
         if isinstance(exc, BitsplitError):
-            raise CommandError(str(exc)) from None
+            raise CommandError(str(exc), EXIT_USAGE if isinstance(exc, OptionsError) else EXIT_ERROR) from None
         raise CommandError(f"{type(exc).__name__}: {first_line(exc)}") from None
 
 
@@ -126,10 +127,14 @@ def image_options(command):
 @click.option("--wbits", default=DEFAULTS.wbits, show_default=True, type=Bits(), help="Weight bits.")
 @click.option("--abits", default=DEFAULTS.abits, show_default=True, type=click.Choice(ACTIVATION_BITS),
               help="Activation bits, per tensor: 8 (uint8), or 16 (uint16, for QNN HTP).")
-@click.option("--weight-storage", default=DEFAULTS.weight_storage, show_default=True,
-              type=click.Choice(WEIGHT_STORAGE),
+@click.option("--target", default=DEFAULTS.target, show_default=True, type=click.Choice(TARGETS),
+              help="The runtime the file is for: cpu (onnxruntime) and openvino get INT8 weights, their "
+                   "integer kernels; qnn needs --input-shape, and 16-bit activations where a layer would "
+                   "write 16 bits from 8; generic loads on all of them.")
+@click.option("--weight-storage", type=click.Choice(WEIGHT_STORAGE),
               help="int4: weights of 2-4 bits stored as INT4 (smallest; NPUs); int8: the same values in "
-                   "INT8, which CPU runtimes run as integer kernels.")
+                   "INT8, which CPU runtimes run as integer kernels.  [default: int8 for --target cpu and "
+                   "openvino, else int4]")
 @click.option("--first-last-wbits", default=DEFAULTS.first_last_wbits, show_default=True, type=Bits(same=True),
               help="Weight bits of the first and last layer; 'same' uses --wbits.")
 @click.option("--depthwise-wbits", default=DEFAULTS.depthwise_wbits, show_default=True, type=Bits(same=True),
@@ -231,10 +236,11 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
                    "such as 0.9, or 90%.")
 @click.option("--min-cosine", type=Fraction(), help="Exit with 3 if an output's cosine similarity is below this.")
 @click.option("--min-sqnr", type=FiniteFloat(), help="Exit with 3 if SQNR is below this many dB.")
-@click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True,
+@click.option("--provider", type=click.Choice(PROVIDERS),
               help="Run the quantized model on onnxruntime's CPU, on Qualcomm's NPU (QNN HTP, package "
                    "onnxruntime-qnn; no CPU fallback) or on OpenVINO's CPU plugin (package openvino); "
-                   "exit with 3 unless the whole graph runs there.")
+                   "exit with 3 unless the whole graph runs there.  [default: the file's --target "
+                   "(qnn, openvino), else cpu]")
 @click.option("--json", "as_json", is_flag=True, help="Print versioned JSON (docs/json.md) instead of a table.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but failures and warnings.")
 @click.option("--verbose", "-v", is_flag=True, help="On an error, print the full traceback before its line.")
@@ -248,6 +254,7 @@ def check_command(float_path: Path, quant_path: Path, data: Path, count: int | N
     with _one_line_errors(verbose):
         limit = tensor_limit(max_memory)
         float_model, quant_model = load_model(float_path, max_bytes=limit), load_model(quant_path, max_bytes=limit)
+        provider = provider or TARGET_PROVIDERS.get(stamped(quant_model, "target"), "cpu")
         reader = _reader(quant_model, data, count, images, max_memory)
         if calib is not None:
             _warn_overlap(data, calib, count)

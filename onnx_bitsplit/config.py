@@ -12,6 +12,10 @@ MIN_BITS = 2
 MAX_BITS = 8
 TENSOR_SHARE = 4  # the share of the memory budget one tensor may take (tensor_limit)
 DEFAULT_MEMORY = 4 << 30  # the default budget: peak memory stays near it on a laptop or a CI runner
+TARGETS = ("generic", "cpu", "openvino", "qnn")  # the runtimes a file is for (QuantConfig.target)
+# the weight storage each runs: INT8 for CPU runtimes' integer kernels, INT4 for the NPU and disk
+TARGET_STORAGE = {"generic": "int4", "cpu": "int8", "openvino": "int8", "qnn": "int4"}
+TARGET_PROVIDERS = {"generic": "cpu", "cpu": "cpu", "openvino": "openvino", "qnn": "qnn"}  # check's default
 
 
 def _check_bits(what: str, bits: int) -> None:
@@ -78,9 +82,15 @@ class QuantConfig:
         work_dir: the folder for the tensors past the budget (a temporary folder inside it,
             removed on every exit). None: the system's temporary folder; the command uses the
             output's folder. Defaults to None.
+        target: the runtime the file is for, one of TARGETS: "cpu" (onnxruntime) and "openvino"
+            store weights as INT8, which their integer kernels run; "qnn" (Qualcomm's HTP) needs
+            static shapes and, where a layer would write 16 bits from 8 (a transformer's residual
+            stream), 16-bit activations throughout; "generic" is a file every one of them loads.
+            Defaults to "generic".
         weight_storage: "int4" stores weights of 2 to 4 bits as INT4 (the smallest file, for
             NPUs and disk), "int8" stores the same values as INT8, which CPU runtimes run with
-            integer kernels. Wider weights are INT8 either way. Defaults to "int4".
+            integer kernels. Wider weights are INT8 either way. None: the target's
+            (TARGET_STORAGE). Defaults to None.
     """
 
     wbits: int = 4
@@ -101,7 +111,8 @@ class QuantConfig:
     batch_size: int | None = None
     calib_count: int = 256
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    weight_storage: str = "int4"
+    target: str = "generic"
+    weight_storage: str | None = None
     max_memory: int | None = None
     work_dir: str | None = None
 
@@ -111,6 +122,10 @@ class QuantConfig:
             raise BitsplitError(f"abits must be one of {', '.join(map(str, ACTIVATION_BITS))}, got {self.abits!r}")
         if self.max_memory is not None and self.max_memory < 2**20:
             raise BitsplitError(f"max_memory must be at least 1 MiB, got {self.max_memory} bytes")
+        if self.target not in TARGETS:
+            raise BitsplitError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.weight_storage is None:  # a frozen dataclass: the default is resolved once, here
+            object.__setattr__(self, "weight_storage", TARGET_STORAGE[self.target])
         if self.weight_storage not in WEIGHT_STORAGE:
             raise BitsplitError(f"weight_storage must be one of {', '.join(WEIGHT_STORAGE)}, got {self.weight_storage!r}")
         for name, shape in self.input_shapes.items():

@@ -8,6 +8,10 @@ class BitsplitError(Exception):
     """An error caused by the user's input; the CLI prints it as one line and exits with 1."""
 
 
+class OptionsError(BitsplitError):
+    """Options that cannot work together or on this model (the CLI exits with 2, a usage error)."""
+
+
 class ModelError(BitsplitError):
     """The model cannot be read, is invalid, or has nothing this tool can quantize."""
 

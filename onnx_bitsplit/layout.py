@@ -281,3 +281,11 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
     names = {vi.name for vi in infos if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
     names.update(t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
     return names
+
+
+def wider_layer_outputs(model: onnx.ModelProto, layers: list[LayerSpec], layout: Layout, bits: int) -> list[str]:
+    """The layers whose output the layout keeps wider than `bits` (the terms of a transformer's
+    residual stream): QNN HTP takes no layer writing more bits than it reads."""
+    writers, decided = {node.name: node.output[0] for node in model.graph.node}, layout.tensors
+    return [layer.name for layer in layers
+            if (root := _root(writers[layer.name], decided)) in decided and decided[root].min_bits > bits]

@@ -168,3 +168,9 @@ def carry_metadata(source: onnx.ModelProto, target: onnx.ModelProto, *, keep_out
     for key, value in stamp.items():
         target.metadata_props.add(key=f"{PRODUCER}.{key}", value=value)
     target.producer_name, target.producer_version = PRODUCER, __version__
+
+
+def stamped(model: onnx.ModelProto, key: str) -> str | None:
+    """The value carry_metadata() stamped under `key` (e.g. "target"), or None (another producer's
+    file, or one written before the key existed)."""
+    return next((p.value for p in model.metadata_props if p.key == f"{PRODUCER}.{key}"), None)

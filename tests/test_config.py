@@ -12,6 +12,13 @@ def test_defaults_are_w4a8_with_first_and_last_and_depthwise_layers_at_8_bits():
     assert config.weight_storage == "int4" and config.error_compensation and config.bias_correction
 
 
+@pytest.mark.parametrize("target,storage", [("generic", "int4"), ("cpu", "int8"), ("openvino", "int8"),
+                                            ("qnn", "int4")])
+def test_the_target_gives_the_weight_storage_its_runtime_runs_unless_one_is_asked_for(target, storage):
+    assert QuantConfig(target=target).weight_storage == storage
+    assert QuantConfig(target=target, weight_storage="int4").weight_storage == "int4"
+
+
 @pytest.mark.parametrize("options,message", [
     (dict(wbits=1), "wbits"), (dict(wbits=9), "wbits"), (dict(abits=4), "abits must be one of 8, 16"),
     (dict(first_last_wbits=12), "first_last_wbits"), (dict(depthwise_wbits=0), "depthwise_wbits"),
@@ -20,7 +27,7 @@ def test_defaults_are_w4a8_with_first_and_last_and_depthwise_layers_at_8_bits():
     (dict(size_budget=0.0), "size_budget"), (dict(size_budget=1.5), "size_budget"),
     (dict(iterations=-1), "iterations"), (dict(compensation_blend=-0.1), "compensation_blend"),
     (dict(damping=101.0), "damping"), (dict(sample_rows=0), "sample_rows"), (dict(seed=-1), "seed"),
-    (dict(batch_size=0), "batch_size"), (dict(calib_count=0), "calib_count"),
+    (dict(batch_size=0), "batch_size"), (dict(calib_count=0), "calib_count"), (dict(target="gpu"), "target"),
 ])
 def test_bad_options_are_refused_by_name(options, message):
     with pytest.raises(BitsplitError, match=message):

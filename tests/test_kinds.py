@@ -158,3 +158,24 @@ def test_the_command_takes_npz_feeds_with_a_scalar_and_checks_them(tmp_path, run
                   "--min-cosine", "0.99")
     assert checked.exit_code == 0, checked.output
     assert "6 samples" in checked.output
+
+
+def test_target_qnn_refuses_a_dynamic_model_naming_the_option(tmp_path, run):
+    onnx.save(kinds.bert_model(), tmp_path / "encoder.onnx")
+    (tmp_path / "calib").mkdir()
+    for index, feed in enumerate(kinds.bert_feeds(4)):
+        np.savez(tmp_path / "calib" / f"{index}.npz", **feed)
+    refused = run(tmp_path / "encoder.onnx", tmp_path / "q.onnx", "--calib", tmp_path / "calib", "--target", "qnn")
+    assert refused.exit_code == 2 and not (tmp_path / "q.onnx").exists()
+    assert refused.output.strip() == ("Error: --target qnn needs static shapes: give --input-shape for "
+                                      "'input_ids', 'attention_mask'")
+
+
+def test_target_qnn_widens_a_transformers_activations_to_16_bits_and_says_so():
+    """QNN HTP takes no layer writing 16 bits from 8, which the residual stream's terms need."""
+    _, report = quantize(kinds.vit_model(), kinds.image_feeds(8), QuantConfig(wbits=8, target="qnn"))
+    assert report.activation_bits == 16
+    assert any(warning.startswith("--target qnn: 16-bit activations throughout") for warning in report.warnings)
+    _, cnn_report = quantize(kinds.tiny_sigmoid_model(), kinds.feeds(kinds.tiny_sigmoid_model(), 8),
+                             QuantConfig(wbits=8, target="qnn", input_shapes={"x": (1, 16)}))
+    assert cnn_report.activation_bits == 8 and not cnn_report.warnings  # no layer normalization: 8 bits

@@ -144,12 +144,25 @@ def test_openvino_loads_every_kind_of_model(build):
 
 @needs_qnn
 @pytest.mark.parametrize("wbits", [8, 4])
-def test_qnn_htp_runs_a_vit_block_whole_with_16_bit_activations(wbits):
-    """LayerNormalization, Gelu, Softmax and the attention MatMuls as node units. With 8-bit
-    activations QNN HTP refuses the layers writing the residual stream's 16 bits."""
+def test_qnn_htp_runs_a_vit_block_whole_with_target_qnn(wbits):
+    """LayerNormalization, Gelu, Softmax and the attention MatMuls as node units; 16-bit activations,
+    as QNN HTP refuses the layers writing the residual stream's 16 bits from 8."""
     import kinds
 
-    quantized, _ = quantize(kinds.vit_model(), kinds.image_feeds(8), QuantConfig(wbits=wbits, abits=16))
+    quantized, _ = quantize(kinds.vit_model(), kinds.image_feeds(8), QuantConfig(wbits=wbits, target="qnn"))
     runner = open_runner(quantized, "qnn")
     runner.run(kinds.image_feeds(1)[0])
     assert runner.placement.whole, runner.placement.fallbacks
+
+
+@needs_openvino
+def test_check_runs_the_file_on_its_targets_runtime_by_default(tmp_path):
+    model = inverted_residual_model()
+    quantized, _ = quantize(model, calibration_feeds(model, 8), QuantConfig(input_shapes=STATIC, target="openvino"))
+    onnx.save(model, tmp_path / "float.onnx")
+    onnx.save(quantized, tmp_path / "q.onnx")
+    np.save(tmp_path / "data.npy", np.concatenate([f[INPUT] for f in calibration_feeds(quantized, 4, seed=3)]))
+    result = CliRunner().invoke(check_command, [str(tmp_path / "float.onnx"), str(tmp_path / "q.onnx"),
+                                                "--data", str(tmp_path / "data.npy")])
+    assert result.exit_code == 0, result.output
+    assert "quantized " in result.output and "(openvino)" in result.output

@@ -62,7 +62,7 @@ def choose_quantizer(decision: TensorQuant, samples: list[np.ndarray], bits: int
     if masked is not None:  # the bottom below every other value: where the masked positions saturate
         depth = SOFTMAX_SPAN if decision.softmax_input else MASK_DEPTH
         scale, zero_point = mse_affine(values, bits)
-        top = (levels - zero_point) * scale
+        top = (levels - zero_point) * scale if values.max() > values.min() else max(float(values.max()), 0.0)
         bottom = min(-zero_point * scale, float(values.min()) - depth)
         scale = (top - bottom) / levels
         zero_point = int(np.clip(round(-bottom / scale), 0, levels))

@@ -20,7 +20,7 @@ from .config import QuantConfig, memory_limit, tensor_limit
 from .equalize import equalize
 from .errors import BitsplitError, ModelError, OptionsError
 from .graph import LayerSpec, find_layers, layer_work, non_finite_constant, prepare, refuse_unconvertible
-from .layout import plan_layout, wider_layer_outputs
+from .layout import Layout, plan_layout, wider_layer_outputs
 from .memory import peak_rss
 from .mixed import budget_bits, measure_sensitivities
 from .modelio import (OutputFiles, check_output_paths, file_sha256, load_model, model_files, save_model,
@@ -164,8 +164,7 @@ def quantize_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
 def _prepare(model: onnx.ModelProto, config: QuantConfig):
     """(the prepared model, its layers to quantize, (name, reason) of the layers kept in float)."""
     prepared = prepare(model, config.input_shapes, max_bytes=tensor_limit(config.max_memory))
-    dynamic = dynamic_inputs(prepared)
-    if config.target == "qnn" and dynamic:
+    if config.target == "qnn" and (dynamic := dynamic_inputs(prepared)):
         raise OptionsError(f"--target qnn needs static shapes: give --input-shape for "
                             f"{', '.join(repr(printable(name)) for name in dynamic)}")
     layers, skipped = find_layers(prepared)
@@ -181,8 +180,8 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig):
     return prepared, layers, skipped + excluded
 
 
-def _for_target(config: QuantConfig, model: onnx.ModelProto, layers: list[LayerSpec], layout) -> tuple[
-        QuantConfig, list[str]]:
+def _for_target(config: QuantConfig, model: onnx.ModelProto, layers: list[LayerSpec],
+                layout: Layout) -> tuple[QuantConfig, list[str]]:
     """(the config for the target's runtime, a warning of what that changed): QNN HTP takes no layer
     writing 16 bits from 8, so a layout with one (a transformer) gets 16-bit activations."""
     wider = wider_layer_outputs(model, layers, layout, config.abits) if config.target == "qnn" else []
@@ -215,8 +214,8 @@ def _calibration_batches(calibration, model: onnx.ModelProto, store: BatchStore,
 def _collapsed_outputs(model: onnx.ModelProto, errors: dict[str, float], bits: int) -> list[str]:
     """A warning for each graph output its quantizer loses much of (a near-constant output on a
     coarse grid): the model would pass as converted while what reads it sees noise or a constant."""
-    return [f"output '{printable(o.name)}' loses {errors[o.name]:.0%} of its energy to its {bits}-bit quantizer on "
-            f"the calibration data: check it (onnx-bitsplit check) before use; --abits 16 keeps more of it"
+    return [f"output '{printable(o.name)}' loses {errors[o.name]:.0%} of its energy to its {bits}-bit quantizer "
+            "on the calibration data: check it (onnx-bitsplit check) before use; --abits 16 keeps more of it"
             for o in model.graph.output if errors.get(o.name, 0.0) > OUTPUT_ERROR_LIMIT]
 
 

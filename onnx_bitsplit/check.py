@@ -4,9 +4,10 @@ For every output: cosine similarity, SQNR = 10 log10(||y||² / ||y - y_q||²) in
 absolute error over all its values (samples of different sizes included); for outputs shaped as
 class scores ([batch, classes] or [batch, steps, classes]) argmax agreement, and top-1 accuracy
 where labels are known; whether a quantized output is constant where the float one is not. Plus
-each model's median latency per batch. The float model runs on onnxruntime's CPU provider, the quantized one
-on the provider asked for (providers.py): there the report also says whether the whole graph ran
-on it, which nodes did not and why, and how often its argmax agrees with the same file on CPU.
+each model's median latency per batch. The float model runs on onnxruntime's CPU provider, the
+quantized one on the provider asked for (providers.py): there the report also says whether the
+whole graph ran on it, which nodes did not and why, and how often its argmax agrees with the same
+file on CPU.
 """
 
 from __future__ import annotations

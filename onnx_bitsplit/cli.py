@@ -246,7 +246,8 @@ def quantize_command(input_path: Path, output_path: Path, calib: Path, calib_cou
 @click.option("--verbose", "-v", is_flag=True, help="On an error, print the full traceback before its line.")
 def check_command(float_path: Path, quant_path: Path, data: Path, count: int | None, batch_size: int,
                   calib: Path | None, max_memory: int | None, labels_path: Path | None, min_agree: float | None,
-                  min_cosine: float | None, min_sqnr: float | None, provider: str, as_json: bool, quiet: bool, verbose: bool,
+                  min_cosine: float | None, min_sqnr: float | None, provider: str | None, as_json: bool, quiet: bool,
+                  verbose: bool,
                   preset: str, mean, std, input_size, layout: str, bgr: bool, crop_ratio: float, resize: str):
     """Run a float model and its quantized version on the same inputs and compare them: argmax
     agreement, top-1 where labels are known, cosine similarity, SQNR, max error, latency."""

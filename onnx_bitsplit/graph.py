@@ -473,13 +473,12 @@ def _fuse_erf_gelus(graph: gs.Graph, names: Names) -> None:
         product = only_reader(plus_one.outputs[0], "Mul")
         if product is None:
             continue
-        factor = other(product, plus_one.outputs[0])
+        factor, last = other(product, plus_one.outputs[0]), only_reader(product.outputs[0], "Mul")
         half = factor.inputs[0] if len(factor.inputs) == 1 else None
         if half is not None and half.op == "Mul" and x in half.inputs and constant(other(half, x), 0.5):
             output = product.outputs[0]  # (x * 0.5) * (1 + erf)
-        elif factor is x and only_reader(product.outputs[0], "Mul") is not None and constant(
-                other(only_reader(product.outputs[0], "Mul"), product.outputs[0]), 0.5):
-            output = only_reader(product.outputs[0], "Mul").outputs[0]  # (x * (1 + erf)) * 0.5
+        elif factor is x and last is not None and constant(other(last, product.outputs[0]), 0.5):
+            output = last.outputs[0]  # (x * (1 + erf)) * 0.5
         else:
             continue
         producer = output.inputs[0]

@@ -29,7 +29,8 @@ Rules, as onnxruntime's own QDQ quantizer applies them:
   it get 16 bits, unless a layer reads them (its integer kernel takes 8): a few outlier channels
   take an 8-bit range and leave the others a step or two, and the normalization divides that
   error back up. CPU runtimes run that Add in float and the layer writing a 16-bit term as an
-  integer kernel; QNN HTP takes no layer writing 16 bits from 8 (there, --abits 16);
+  integer kernel; QNN HTP takes no layer writing 16 bits from 8 (wider_layer_outputs: with
+  --target qnn such a model gets 16-bit activations throughout);
 - constant data inputs of units (an Add's or Mul's operand) become per-tensor integer constants,
   finite ones: -inf, the start of a Max, stays float.
 """
@@ -54,8 +55,8 @@ UNIT_OPS: dict[str, tuple[int, ...]] = {
     "Unsqueeze": (0,), "Pad": (0,), "Slice": (0,), "Split": (0,), "Gather": (0,),
     "DepthToSpace": (0,), "SpaceToDepth": (0,),
     "Relu": (0,), "Clip": (0,), "LeakyRelu": (0,), "Sigmoid": (0,), "HardSigmoid": (0,),
-    "HardSwish": (0,), "Tanh": (0,), "Softmax": (0,), "Gelu": (0,), "Sub": (0, 1), "Div": (0, 1), "ReduceMean": (0,),
-    "Expand": (0,), "Tile": (0,), "GatherElements": (0,), "Max": (0, 1), "Min": (0, 1),
+    "HardSwish": (0,), "Tanh": (0,), "Softmax": (0,), "Gelu": (0,), "Sub": (0, 1), "Div": (0, 1),
+    "ReduceMean": (0,), "Expand": (0,), "Tile": (0,), "GatherElements": (0,), "Max": (0, 1), "Min": (0, 1),
 }
 ALL_INPUTS = {"Concat", "Sum"}  # every input is data
 # Values stay on the input's grid: the output shares the input's quantizer.

@@ -111,6 +111,7 @@ class Report:
             f"({100 * self.quant_bytes / max(self.float_bytes, 1):.1f}%)",
             f"peak memory {self.peak_rss_bytes / 2**30:.2f} GiB"
             + (f", {self.spilled_bytes / 2**30:.2f} GiB of tensors spilled to disk" if self.spilled_bytes else ""),
+            self._runtimes_line(),
         ]
         if self.equalized:
             clips = sum(bool(pair.note) for pair in self.equalized)
@@ -131,6 +132,17 @@ class Report:
                       for layer in ranked]
         lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
+
+    def _runtimes_line(self) -> str:
+        """Where the file runs as integer kernels: QNN HTP runs every width; the CPU runtimes have no
+        INT4 convolution kernel and run 16-bit activations in float."""
+        int4 = self.options.get("weight_storage") == "int4" and any(layer.bits <= 4 for layer in self.layers)
+        if self.activation_bits == 16:
+            return "integer kernels on QNN HTP; onnxruntime CPU and OpenVINO run its 16-bit activations in float"
+        if int4:
+            return ("integer kernels on QNN HTP; onnxruntime CPU and OpenVINO run its INT4 layers in float "
+                    "(--target cpu or openvino stores them as INT8)")
+        return "integer kernels on onnxruntime CPU, OpenVINO and QNN HTP"
 
     def _time_line(self) -> str:
         """'time 74.1 s: statistics 44.0, capture 21.3, solve 6.2, scales 1.5, other 1.1' (< 100 columns)."""

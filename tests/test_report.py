@@ -5,6 +5,8 @@ import math
 
 import pytest
 
+from graphs import calibration_feeds, conv_model
+from onnx_bitsplit import QuantConfig, quantize
 from onnx_bitsplit import report as report_module
 from onnx_bitsplit.cli import main
 from onnx_bitsplit.report import PhaseClock, finite_json, printable
@@ -46,3 +48,15 @@ def test_non_finite_numbers_become_null():
 def test_names_from_a_model_are_printable():
     assert printable("conv\x1b[31m1\x07\r\n") == "conv\\x1b[31m1\\x07\\r\\n"
     assert printable("résumé/layer 1") == "résumé/layer 1"
+
+
+@pytest.mark.parametrize("options,expected", [
+    (dict(wbits=4), "integer kernels on QNN HTP; onnxruntime CPU and OpenVINO run its INT4 layers in float"),
+    (dict(wbits=4, target="cpu"), "integer kernels on onnxruntime CPU, OpenVINO and QNN HTP"),
+    (dict(wbits=8), "integer kernels on onnxruntime CPU, OpenVINO and QNN HTP"),
+    (dict(wbits=8, abits=16), "integer kernels on QNN HTP; onnxruntime CPU and OpenVINO run its 16-bit"),
+])
+def test_the_summary_says_where_the_file_runs_as_integer_kernels(options, expected):
+    model = conv_model()
+    _, report = quantize(model, calibration_feeds(model, 4), QuantConfig(first_last_wbits=None, **options))
+    assert expected in report.summary()

@@ -219,7 +219,8 @@ def _openvino_runner(model: onnx.ModelProto) -> Runner:
         info = op.get_rt_info()
         kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
         precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
-        if kind in OPENVINO_WEIGHTED and precision not in INTEGER_PRECISIONS and op.get_friendly_name() not in products:
+        weighted = kind in OPENVINO_WEIGHTED and op.get_friendly_name() not in products
+        if weighted and precision not in INTEGER_PRECISIONS:
             fallbacks.append((kind, op.get_friendly_name(), f"runs in {precision}"))
     request = compiled.create_infer_request()
     names = [output.get_any_name() for output in compiled.outputs]

@@ -27,7 +27,7 @@ from .modelio import (OutputFiles, check_output_paths, file_sha256, load_model, 
                       weights_path)
 from .providers import make_session
 from .qdq import bytes_besides_weights, carry_metadata, write_qdq
-from .report import LayerReport, PhaseClock, Report, printable
+from .report import LayerReport, PhaseClock, Report, outliers, printable
 from .rows import RowConverter
 from .selection import check_overrides, exclude_layers, layer_bits
 from .shapes import dynamic_inputs, input_shapes
@@ -94,7 +94,8 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
             _stamp(model, quantized, config, layer_reports, samples)
             _check_loads(quantized)
         spilled_bytes = store.spilled_bytes
-    warnings += widened + _collapsed_outputs(prepared, activations, config.abits)
+    warnings += widened + _collapsed_outputs(prepared, activations, config.abits) + outliers(
+        layer_reports, activations, config.abits)
     if sensitivity is not None:
         layer_reports = [replace(layer, sensitivity=errors, reason=reason)
                          for layer, errors, reason in zip(layer_reports, sensitivity, reasons)]

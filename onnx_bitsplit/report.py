@@ -25,6 +25,11 @@ from . import __version__
 SCHEMA = 1
 PACKAGES = ("onnx", "onnxruntime", "numpy")  # whose versions a record names besides this tool's
 TIME_LINE_PHASES = 4  # the slowest phases named on the summary's time line; the rest as "other"
+# A layer or tensor whose error is far above the rest is warned about (outliers): this many times
+# the median, and above an absolute floor, so that a uniformly accurate model warns of nothing.
+OUTLIER_FACTOR = {"layer": 5.0, "tensor": 10.0}
+OUTLIER_FLOOR = {"layer": 0.05, "tensor": 0.01}
+OUTLIERS_NAMED = 3
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,29 @@ def clipped(text: str, width: int) -> str:
     """printable(text) in at most `width` characters, its end replaced by '…' when cut."""
     text = printable(text)
     return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def outliers(layers: list[LayerReport], activations: dict[str, float], activation_bits: int) -> list[str]:
+    """Warnings for the layers and tensors whose relative error stands far above the others',
+    with the option that would keep more of them."""
+    warnings, bits = [], {layer.name: layer.bits for layer in layers}
+    for kind, errors in (("layer", {layer.name: layer.rel_error for layer in layers}), ("tensor", activations)):
+        if not errors:
+            continue
+        median = sorted(errors.values())[len(errors) // 2]
+        limit = max(OUTLIER_FACTOR[kind] * median, OUTLIER_FLOOR[kind])
+        worst = sorted(((error, name) for name, error in errors.items() if error > limit), reverse=True)
+        for error, name in worst[:OUTLIERS_NAMED]:
+            if kind == "layer":
+                fix = (f"--bits-per-layer '{name}=8' or " if bits[name] < 8 else "") + f"--exclude '{name}'"
+                warnings.append(f"layer '{printable(name)}' (W{bits[name]}) keeps a relative output error of "
+                                f"{error:.3f}, the median layer's {median:.3f}: {printable(fix)} may keep more")
+            else:
+                warnings.append(f"tensor '{printable(name)}' loses {error:.1%} to its quantizer, the median "
+                                f"tensor {median:.1e}" + ("" if activation_bits >= 16 else ": --abits 16 keeps more"))
+        if len(worst) > OUTLIERS_NAMED:
+            warnings.append(f"and {len(worst) - OUTLIERS_NAMED} more {kind}s as far above the median")
+    return warnings
 
 
 def _mib(size: int) -> str:

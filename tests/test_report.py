@@ -9,7 +9,7 @@ from graphs import calibration_feeds, conv_model
 from onnx_bitsplit import QuantConfig, quantize
 from onnx_bitsplit import report as report_module
 from onnx_bitsplit.cli import main
-from onnx_bitsplit.report import PhaseClock, finite_json, printable
+from onnx_bitsplit.report import LayerReport, PhaseClock, finite_json, outliers, printable
 
 
 def test_report_to_stdout_is_versioned_json(tmp_path, model_path, npy_dir, capsys):
@@ -60,3 +60,14 @@ def test_the_summary_says_where_the_file_runs_as_integer_kernels(options, expect
     model = conv_model()
     _, report = quantize(model, calibration_feeds(model, 4), QuantConfig(first_last_wbits=None, **options))
     assert expected in report.summary()
+
+
+def test_a_layer_and_a_tensor_far_above_the_rest_are_warned_about_with_their_fix():
+    layers = [LayerReport(f"conv{i}", "Conv", 4, (8, 8, 1), 0.01, 0.02, 0.0) for i in range(5)]
+    layers.append(LayerReport("bad", "Conv", 4, (8, 8, 1), 0.2, 0.3, 0.0))
+    tensors = {f"t{i}": 1e-4 for i in range(5)} | {"score": 0.19}
+    assert outliers(layers, tensors, 8) == [
+        "layer 'bad' (W4) keeps a relative output error of 0.200, the median layer's 0.010: "
+        "--bits-per-layer 'bad=8' or --exclude 'bad' may keep more",
+        "tensor 'score' loses 19.0% to its quantizer, the median tensor 1.0e-04: --abits 16 keeps more"]
+    assert outliers(layers[:5], {f"t{i}": 1e-4 for i in range(5)}, 8) == []  # uniformly accurate: nothing

@@ -64,7 +64,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
         model = load_model(model, max_bytes=tensor_limit(config.max_memory))
     clock = PhaseClock(started=None if progress is None else lambda phase: progress(phase, 0, 0, ""))
     with clock("prepare"):
-        prepared, layers, skipped = _prepare(model, config)
+        prepared, layers, skipped, float_nodes = _prepare(model, config)
     with closing(BatchStore.within(memory, config.work_dir)) as store:
         with clock("calibration"):
             batches, samples, warnings = _calibration_batches(calibration, prepared, store, config)
@@ -72,7 +72,7 @@ def quantize(model: onnx.ModelProto | str | os.PathLike, calibration, config: Qu
         if config.equalization:
             with clock("equalization"):
                 prepared, layers, equalized = _equalize(prepared, layers, batches, store)
-        layout = plan_layout(prepared, layers)
+        layout = plan_layout(prepared, layers, float_nodes)
         config, widened = _for_target(config, prepared, layers, layout)
         weights = {t.name: onnx.numpy_helper.to_array(t) for t in prepared.graph.initializer}
         bits = [layer_bits(config, layers, index) for index in range(len(layers))]
@@ -163,7 +163,8 @@ def quantize_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
 
 
 def _prepare(model: onnx.ModelProto, config: QuantConfig):
-    """(the prepared model, its layers to quantize, (name, reason) of the layers kept in float)."""
+    """(the prepared model, its layers to quantize, (name, reason) of the layers kept in float,
+    the names of the other nodes --exclude keeps in float)."""
     prepared = prepare(model, config.input_shapes, max_bytes=tensor_limit(config.max_memory))
     if config.target == "qnn" and (dynamic := dynamic_inputs(prepared)):
         raise OptionsError(f"--target qnn needs static shapes: give --input-shape for "
@@ -174,11 +175,11 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig):
         raise ModelError("the model has no Conv, Gemm or MatMul with a constant weight to quantize" + (
             f" outside control flow: its {len(inside)} layers are inside If/Loop/Scan bodies, kept in float"
             if inside else ""))
-    layers, excluded = exclude_layers(layers, config.exclude)
+    layers, excluded, float_nodes = exclude_layers(prepared, layers, config.exclude)
     check_overrides(config, layers)
     if not layers:
         raise BitsplitError("--exclude leaves no layer to quantize")
-    return prepared, layers, skipped + excluded
+    return prepared, layers, skipped + excluded, float_nodes
 
 
 def _for_target(config: QuantConfig, model: onnx.ModelProto, layers: list[LayerSpec],

@@ -144,7 +144,8 @@ def image_options(command):
               help="Weight bits of the layers PATTERN selects: a node name, an fnmatch pattern such as "
                    "'*depthwise*', an operator type such as 'op:Gemm', or '@depthwise'; repeatable.")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
-              help="Keep the layers PATTERN selects in float (patterns as --bits-per-layer); repeatable.")
+              help="Keep the nodes PATTERN selects in float (patterns as --bits-per-layer, any operator "
+                   "type: op:Softmax); repeatable.")
 @click.option("--size-budget", type=FiniteFloat(0.0, 1.0, min_open=True), metavar="FRACTION",
               help="Pick each layer's bits (4 or 8, by measured sensitivity) so the output is at most "
                    "this fraction of the input's size, e.g. 0.18; overrides --wbits/--first-last-wbits.")

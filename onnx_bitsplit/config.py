@@ -39,8 +39,9 @@ class QuantConfig:
             ('op:Gemm') or '@depthwise' (every depthwise Conv); overrides everything above. An
             exact name wins over patterns; among patterns, the first that matches. A pattern that
             matches no layer is an error.
-        exclude: layers kept in float, by the same kind of patterns as layer_wbits; they are listed
-            in the report with the pattern that excluded them. Defaults to none.
+        exclude: nodes kept in float, by the same kind of patterns as layer_wbits: layers (listed
+            in the report with the pattern that excluded them) or any other node, which then
+            reads and writes float. Defaults to none.
         size_budget: choose each layer's bits (4 or 8, by measured sensitivity) so that the
             output is at most this fraction of the float model's size; replaces wbits,
             first_last_wbits and depthwise_wbits, layer_wbits still apply. None: no budget. Defaults to None.

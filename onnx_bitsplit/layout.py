@@ -130,8 +130,10 @@ class Layout:
         return self._decisions[bisect.bisect_left(self._order, start):bisect.bisect_left(self._order, stop)]
 
 
-def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec]) -> Layout:
-    """The node units of a prepared model whose quantized layers are `layers`."""
+def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec], float_nodes: set[str] = frozenset()) -> Layout:
+    """The node units of a prepared model whose quantized layers are `layers`; the nodes named in
+    `float_nodes` are no units: they read and write float, and their neighbours' units quantize
+    what they share with them."""
     graph = model.graph
     initializers = constant_initializers(model)
     floats = _float_tensors(model)
@@ -144,7 +146,8 @@ def plan_layout(model: onnx.ModelProto, layers: list[LayerSpec]) -> Layout:
     outputs = {o.name for o in graph.output}
     layer_inputs = {layer.name: layer.input_name for layer in layers}
 
-    units = [node for node in graph.node if _is_unit(node, layer_inputs, initializers)]
+    units = [node for node in graph.node
+             if node.name not in float_nodes and _is_unit(node, layer_inputs, initializers)]
     quantized, constants = set(), {}
     for node in units:
         for name in _data_inputs(node, layer_inputs):

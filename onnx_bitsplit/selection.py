@@ -1,13 +1,16 @@
-"""Which layers are quantized, and at how many bits (pure Python over LayerSpecs).
+"""Which layers are quantized, at how many bits, and which other nodes stay in float.
 
-Patterns name layers the way users see them: a node name, an fnmatch pattern over node names
-('*depthwise*'), an operator type ('op:Gemm'), or '@depthwise' for every depthwise Conv. A
-pattern that selects nothing is an error: a typo must not pass silently.
+Patterns name nodes the way users see them: a node name, an fnmatch pattern over node names
+('*depthwise*'), an operator type ('op:Gemm', 'op:Softmax'), or '@depthwise' for every depthwise
+Conv. --bits-per-layer selects layers; --exclude any node. A pattern that selects nothing is an
+error: a typo must not pass silently.
 """
 
 from __future__ import annotations
 
 import fnmatch
+
+import onnx
 
 from .config import QuantConfig
 from .errors import BitsplitError
@@ -17,22 +20,31 @@ DEPTHWISE = "@depthwise"  # every depthwise Conv
 OP_PREFIX = "op:"  # 'op:Gemm' selects by operator type
 
 
-def matches(pattern: str, layer: LayerSpec) -> bool:
-    """Whether a pattern (a name, an fnmatch pattern, 'op:TYPE' or '@depthwise') selects the layer."""
+def matches(pattern: str, layer: LayerSpec | onnx.NodeProto) -> bool:
+    """Whether a pattern (a name, an fnmatch pattern, 'op:TYPE' or '@depthwise') selects the layer
+    or node (only a layer is depthwise)."""
     if pattern == DEPTHWISE:
-        return layer.is_depthwise
+        return isinstance(layer, LayerSpec) and layer.is_depthwise
     if pattern.startswith(OP_PREFIX):
-        return layer.op == pattern[len(OP_PREFIX):]
+        return pattern[len(OP_PREFIX):] == (layer.op if isinstance(layer, LayerSpec) else layer.op_type)
     return fnmatch.fnmatchcase(layer.name, pattern)
 
 
-def exclude_layers(layers: list[LayerSpec], patterns: tuple[str, ...]) -> tuple[list[LayerSpec], list[tuple[str, str]]]:
-    """The layers no pattern selects, and (name, reason) of those kept in float because one does.
+def exclude_layers(model: onnx.ModelProto, layers: list[LayerSpec], patterns: tuple[str, ...]) -> tuple[
+        list[LayerSpec], list[tuple[str, str]], set[str]]:
+    """The layers no pattern selects, (name, reason) of those kept in float because one does, and
+    the names of the other nodes the patterns select (they run in float, outside node units).
 
     Raises:
-        BitsplitError: for a pattern that selects no layer.
+        BitsplitError: for a pattern that selects no node.
     """
-    _check_used("--exclude", patterns, layers)
+    layer_names = {layer.name for layer in layers}
+    nodes = {node.name for node in model.graph.node for pattern in patterns
+             if node.name not in layer_names and matches(pattern, node)}
+    for pattern in patterns:
+        if not any(matches(pattern, item) for item in [*layers, *model.graph.node]):
+            raise BitsplitError(f"--exclude '{pattern}' selects no node (node names such as "
+                                f"'{layers[0].name}', 'op:Conv', 'op:Softmax', '@depthwise')")
     kept, excluded = [], []
     for layer in layers:
         pattern = next((p for p in patterns if matches(p, layer)), None)
@@ -40,7 +52,7 @@ def exclude_layers(layers: list[LayerSpec], patterns: tuple[str, ...]) -> tuple[
             kept.append(layer)
         else:
             excluded.append((layer.name, f"excluded by '{pattern}'"))
-    return kept, excluded
+    return kept, excluded, nodes
 
 
 def override(config: QuantConfig, layer: LayerSpec) -> int | None:

@@ -40,7 +40,7 @@ def test_excluded_layers_stay_float_and_patterns_must_match():
     assert ("conv2", "excluded by 'conv2'") in report.skipped
     conv2 = next(n for n in quantized.graph.node if n.name == "conv2")
     assert "w2" in conv2.input  # its float weight, read directly
-    with pytest.raises(BitsplitError, match="selects none"):
+    with pytest.raises(BitsplitError, match="selects no node"):
         quantize(model, feeds, QuantConfig(exclude=("conv9",)))
     with pytest.raises(BitsplitError, match="selects none"):
         quantize(model, feeds, QuantConfig(layer_wbits={"conv_2": 3}))
@@ -48,3 +48,21 @@ def test_excluded_layers_stay_float_and_patterns_must_match():
         quantize(model, feeds, QuantConfig(exclude=("op:Conv",)))
     _, report = quantize(model, feeds, QuantConfig(wbits=3, layer_wbits={"op:Conv": 5}))
     assert [layer.bits for layer in report.layers] == [5, 5, 5]
+
+
+@pytest.mark.parametrize("excluded", [False, True])
+def test_any_node_can_be_excluded_and_then_reads_and_writes_float(excluded):
+    """matmul_model's last node, Add(m2, b2) -> y: as a node unit its constant and its output are
+    quantized; excluded, it adds the float bias to the dequantized product and writes y in float,
+    while matmul2 keeps its output quantizer."""
+    from graphs import matmul_model
+
+    model = matmul_model()
+    exclude = ("op:Add",) if excluded else ()
+    quantized, report = quantize(model, calibration_feeds(model, count=16), QuantConfig(wbits=8, exclude=exclude))
+    assert [layer.name for layer in report.layers] == ["matmul1", "matmul2"]
+    produced = {output: node.op_type for node in quantized.graph.node for output in node.output}
+    add = next(node for node in quantized.graph.node if node.op_type == "Add")
+    assert produced["y"] == ("Add" if excluded else "DequantizeLinear")
+    assert ("b2" in add.input) is excluded  # the float bias, or its dequantized integers
+    assert produced[add.input[0]] == "DequantizeLinear"  # matmul2's output quantizer either way

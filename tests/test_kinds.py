@@ -64,8 +64,7 @@ def test_a_vit_of_static_shape_converts_and_stays_accurate():
 def test_a_recurrent_model_with_its_state_batch_on_axis_1_and_a_0d_input_converts(cell):
     model = kinds.recurrent_model(cell)
     quantized, report = quantize(model, kinds.recurrent_feeds(24), QuantConfig(wbits=8))
-    assert (cell.upper() + "_", f"{cell} is kept in float") in [(name[:len(cell) + 1], why)
-                                                                   for name, why in report.skipped]
+    assert [why for _, why in report.skipped] == [f"{cell} is kept in float"]
     held_out = kinds.recurrent_feeds(8, seed=7)
     for output in (0, 1):  # the probability and the new state
         assert model_sqnr_db(model, quantized, held_out, output) > 20

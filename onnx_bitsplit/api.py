@@ -27,6 +27,7 @@ from .modelio import (OutputFiles, check_output_paths, file_sha256, load_model, 
                       weights_path)
 from .providers import make_session
 from .qdq import bytes_besides_weights, carry_metadata, write_qdq
+from .qdq_format import ACTIVATION_BITS
 from .report import LayerReport, PhaseClock, Report, outliers, printable
 from .rows import RowConverter
 from .selection import check_overrides, exclude_layers, layer_bits
@@ -189,7 +190,7 @@ def _for_target(config: QuantConfig, model: onnx.ModelProto, layers: list[LayerS
     wider = wider_layer_outputs(model, layers, layout, config.abits) if config.target == "qnn" else []
     if not wider:
         return config, []
-    return replace(config, abits=16), [
+    return replace(config, abits=max(ACTIVATION_BITS)), [
         f"--target qnn: 16-bit activations throughout, as QNN HTP takes no layer writing 16 bits from 8 "
         f"and {len(wider)} layers write a residual stream's 16 bits (e.g. '{printable(wider[0])}')"]
 

@@ -20,7 +20,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
+import numpy as np
+
 from . import __version__
+from .qdq_format import ACTIVATION_BITS, weight_dtype
 
 SCHEMA = 1
 PACKAGES = ("onnx", "onnxruntime", "numpy")  # whose versions a record names besides this tool's
@@ -141,8 +144,9 @@ class Report:
     def _runtimes_line(self) -> str:
         """Where the file runs as integer kernels: QNN HTP runs every width; the CPU runtimes have no
         INT4 convolution kernel and run 16-bit activations in float."""
-        int4 = self.options.get("weight_storage") == "int4" and any(layer.bits <= 4 for layer in self.layers)
-        if self.activation_bits == 16:
+        storage = self.options.get("weight_storage", "int4")
+        int4 = any(weight_dtype(layer.bits, storage) != np.int8 for layer in self.layers)
+        if self.activation_bits > min(ACTIVATION_BITS):
             return "integer kernels on QNN HTP; onnxruntime CPU and OpenVINO run its 16-bit activations in float"
         if int4:
             return ("integer kernels on QNN HTP; onnxruntime CPU and OpenVINO run its INT4 layers in float "

@@ -178,3 +178,14 @@ def test_target_qnn_widens_a_transformers_activations_to_16_bits_and_says_so():
     _, cnn_report = quantize(kinds.tiny_sigmoid_model(), kinds.feeds(kinds.tiny_sigmoid_model(), 8),
                              QuantConfig(wbits=8, target="qnn", input_shapes={"x": (1, 16)}))
     assert cnn_report.activation_bits == 8 and not cnn_report.warnings  # no layer normalization: 8 bits
+
+
+def test_a_sigmoid_output_of_tiny_values_keeps_its_resolution():
+    """A wake-word score of 1e-5 to 1e-3: on the fixed [0, 1] grid of a Sigmoid (a step of 1/256) it
+    would be a constant 0; as a graph output it gets its calibration range."""
+    model = kinds.tiny_sigmoid_model()
+    quantized, _ = quantize(model, kinds.feeds(model, 32), QuantConfig(wbits=8))
+    held_out = kinds.feeds(model, 16, seed=7)
+    scores = outputs(model, held_out)
+    assert scores.max() < 1 / 512  # below half a step of the fixed grid
+    assert cosine(scores, outputs(quantized, held_out)) >= 0.99
